@@ -1,0 +1,274 @@
+"""Run configuration: nested dataclasses loaded from TOML, with ``--set section.key=value`` overrides.
+
+Every section is a dataclass; every field has a default so ``embdim train --data DIR`` works
+without a file. Unknown sections or keys and values of the wrong type raise ``ConfigError``
+naming the file and the key. Each section validates itself in ``__post_init__``.
+
+Example TOML::
+
+    [data]
+    batch_size = 2048
+
+    [model]
+    embedding_dim = 16
+    dense_arch_layer_sizes = [64, 16]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the file and key."""
+
+
+SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "adam", "sgd")
+DENSE_OPTIMIZERS = ("adagrad", "adam", "sgd")
+INTERACTIONS = ("dot", "dcn")
+SHARDING_TYPES = ("auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class DataConfig:
+    batch_size: int = 1024
+    """Training rows per rank per step (the global batch is batch_size * world_size)."""
+    eval_batch_size: int = 4096
+    """Rows per rank per evaluation step."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank decoding Parquet (0 = decode in the training process)."""
+    shuffle: bool = True
+    """Shuffle row groups and rows within each row group, by seed and epoch."""
+    pin_memory: bool = False
+    """Pin host batches (only useful on GPU)."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "data.batch_size", f"must be positive, got {self.batch_size}")
+        _check(self.eval_batch_size > 0, "data.eval_batch_size", f"must be positive, got {self.eval_batch_size}")
+        _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class ModelConfig:
+    embedding_dim: int = 16
+    """Full (common) embedding width of every table; a multiple of 4 (FBGEMM TBE requirement)."""
+    dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 16])
+    """Bottom MLP widths; the last must equal embedding_dim (DLRM's dot interaction)."""
+    over_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 32, 1])
+    """Top MLP widths; the last must be 1 (one logit)."""
+    interaction: str = "dot"
+    """Feature interaction: "dot" (torchrec DLRM) or "dcn" (torchrec DLRM_DCN)."""
+    dcn_num_layers: int = 2
+    """Cross layers of the DCN interaction."""
+    dcn_low_rank_dim: int = 32
+    """Low-rank width of each DCN cross layer."""
+
+    def __post_init__(self) -> None:
+        _check(self.embedding_dim > 0 and self.embedding_dim % 4 == 0, "model.embedding_dim",
+               f"must be a positive multiple of 4 (FBGEMM TBE), got {self.embedding_dim}")
+        _check(len(self.dense_arch_layer_sizes) > 0 and self.dense_arch_layer_sizes[-1] == self.embedding_dim,
+               "model.dense_arch_layer_sizes",
+               f"last width must equal model.embedding_dim={self.embedding_dim}, got {self.dense_arch_layer_sizes}")
+        _check(len(self.over_arch_layer_sizes) > 0 and self.over_arch_layer_sizes[-1] == 1,
+               "model.over_arch_layer_sizes", f"last width must be 1, got {self.over_arch_layer_sizes}")
+        _check(self.interaction in INTERACTIONS, "model.interaction",
+               f"unknown {self.interaction!r}; choose from {list(INTERACTIONS)}")
+        _check(self.dcn_num_layers > 0 and self.dcn_low_rank_dim > 0, "model.dcn_num_layers",
+               "dcn_num_layers and dcn_low_rank_dim must be positive")
+
+
+@dataclass
+class OptimConfig:
+    sparse_optimizer: str = "adagrad"
+    """Optimizer fused into the embedding tables' backward: adagrad, rowwise_adagrad, adam, sgd."""
+    sparse_lr: float = 0.05
+    """Learning rate of the embedding tables."""
+    dense_optimizer: str = "adam"
+    """Optimizer of the dense (MLP, projection) parameters: adagrad, adam, sgd."""
+    dense_lr: float = 0.001
+    """Learning rate of the dense parameters."""
+    eps: float = 1e-8
+    """Epsilon of Adagrad/Adam."""
+    weight_decay: float = 0.0
+    """L2 weight decay of the dense parameters."""
+
+    def __post_init__(self) -> None:
+        _check(self.sparse_optimizer in SPARSE_OPTIMIZERS, "optim.sparse_optimizer",
+               f"unknown {self.sparse_optimizer!r}; choose from {list(SPARSE_OPTIMIZERS)}")
+        _check(self.dense_optimizer in DENSE_OPTIMIZERS, "optim.dense_optimizer",
+               f"unknown {self.dense_optimizer!r}; choose from {list(DENSE_OPTIMIZERS)}")
+        _check(self.sparse_lr > 0 and self.dense_lr > 0, "optim.sparse_lr", "learning rates must be positive")
+        _check(self.eps > 0, "optim.eps", f"must be positive, got {self.eps}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    """Passes over the training split."""
+    max_steps: int = 0
+    """Stop after this many steps in total (0 = no limit)."""
+    seed: int = 0
+    """Seed of model initialisation and data shuffling."""
+    log_every: int = 50
+    """Log loss, AUC and samples/s every this many steps (rank 0)."""
+    eval_every: int = 0
+    """Evaluate on the validation split every this many steps (0 = at the end of each epoch only)."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many steps (0 = only at the end)."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to RUN_DIR/tensorboard."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar on rank 0."""
+    fail_at_step: int = -1
+    """Fault injection for tests: rank 0... (see fail_rank) raises at this step (-1 = never)."""
+    fail_rank: int = 0
+    """Rank that raises at fail_at_step."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")
+        for key in ("max_steps", "log_every", "eval_every", "checkpoint_every"):
+            _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class ShardingConfig:
+    sharding_type: str = "auto"
+    """Force one sharding type for every table, or "auto" to let the TorchRec planner choose."""
+    compute_kernel: str = "fused"
+    """Embedding compute kernel: "fused" (TBE in HBM / host memory) or "fused_uvm_caching" (GPU)."""
+
+    def __post_init__(self) -> None:
+        _check(self.sharding_type in SHARDING_TYPES, "sharding.sharding_type",
+               f"unknown {self.sharding_type!r}; choose from {list(SHARDING_TYPES)}")
+        _check(self.compute_kernel in ("fused", "fused_uvm_caching"), "sharding.compute_kernel",
+               f"unknown {self.compute_kernel!r}; choose from ['fused', 'fused_uvm_caching']")
+
+
+@dataclass
+class Config:
+    """The whole run configuration; one attribute per TOML section."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+
+
+def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """Checks ``value`` against a field annotation (int, float, bool, str, list[...])."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: {key} has an unsupported type {annotation!r}")
+
+
+def _build_section(cls: type, table: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {[f'{prefix}{k}' for k in unknown]}; "
+                          f"[{prefix.rstrip('.')}] accepts {sorted(names)}")
+    kwargs = {}
+    for name, value in table.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {prefix}{name} must be a table, got {value!r}")
+            kwargs[name] = _build_section(annotation, value, f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _coerce(value, annotation, f"{prefix}{name}", source)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:  # TOML literal syntax: 3, 0.5, true, "adam", [64, 16]
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string: --set optim.dense_optimizer=adam
+    return path, value
+
+
+def merge_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies ``section.key=value`` overrides on top of a parsed TOML table."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = table
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return table
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    cls: type = Config,
+) -> Any:
+    """Loads ``cls`` from a TOML file (optional) plus ``--set`` overrides.
+
+    Raises ConfigError naming the file or override and the key for unknown keys, wrong types
+    and failed validation.
+    """
+    table: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            table = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    if overrides:
+        source = f"{source} + --set overrides" if path is not None else "--set overrides"
+        table = merge_overrides(table, list(overrides))
+    return _build_section(cls, table, "", source)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain-dict view of a config (for metrics.json and checkpoints)."""
+    return dataclasses.asdict(config)
