@@ -1,0 +1,114 @@
+"""The protocol every embedding-size method implements (single-device logic only).
+
+A method is used in two phases by ``trainer``:
+
+search
+    ``search_tables()`` gives the EmbeddingBagConfigs of the inner collection that DMP shards;
+    ``build_search_module(ebc)`` wraps that (unsharded) collection in a module that stands in for
+    a TorchRec ``EmbeddingBagCollection`` (``forward(KJT) -> KeyedTensor`` of uniform width
+    ``embedding_dim``); ``search_loss(module)`` adds the method's regulariser to the task loss;
+    ``export_plan(module, context)`` turns the searched state into a ``SizePlan``. Anything that
+    needs ranks (reading sharded rows, global thresholds, evaluating candidates) goes through the
+    ``SearchContext`` that ``trainer`` passes in; method files never import torch.distributed.
+
+retrain
+    ``retrain_module(plan)`` (shared, in ``embedding_methods.mixed_dim``) builds the compact
+    mixed-dimension module from the plan, whatever method produced it.
+
+Methods are registered by name in ``embedding_methods.METHODS``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One sparse field of the dataset, as the methods see it."""
+
+    name: str
+    """Feature name (KJT key, output key of the embedding module)."""
+    num_embeddings: int
+    """Cardinality of the field (ids in [0, num_embeddings))."""
+    multi_hot: bool = False
+    """True when a row can carry several ids of this field."""
+
+
+class SearchContext(Protocol):
+    """What the search phase offers a method for distributed steps (implemented in ``trainer``)."""
+
+    budget: float
+    """Target fraction of the full-width embedding parameters (1.0 = no budget)."""
+    embedding_dim: int
+    """The full (common) width D."""
+    fields: list[FieldSpec]
+    """The dataset's sparse fields."""
+
+    def local_rows(self, table_name: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yields ``(first_global_row, rows)`` for each local shard of a sharded table (live views)."""
+        ...
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sums a tensor over ranks (identity on one rank)."""
+        ...
+
+    def gather_table_rows(self, table_name: str) -> torch.Tensor:
+        """The full ``[num_rows, width]`` weight of a sharded table, assembled on every rank."""
+        ...
+
+    def evaluate(self, score_fn: Callable[[Any], None]) -> None:
+        """Runs ``score_fn(batch)`` over this rank's part of the validation split in eval mode."""
+        ...
+
+    def counts(self, field_name: str) -> np.ndarray:
+        """The train-split id counts of a field (``counts/<field>.npy``, memory-mapped)."""
+        ...
+
+
+class EmbeddingMethod(ABC):
+    """Base class of a method. Subclasses define ``name`` and a nested ``Config`` dataclass."""
+
+    name: str = ""
+
+    def __init__(self, config: Any, fields: list[FieldSpec], embedding_dim: int) -> None:
+        self.config = config
+        self.fields = list(fields)
+        self.embedding_dim = embedding_dim
+
+    @abstractmethod
+    def search_tables(self) -> list[EmbeddingBagConfig]:
+        """EmbeddingBagConfigs of the inner collection trained (and sharded) during search."""
+
+    @abstractmethod
+    def build_search_module(self, ebc: EmbeddingBagCollection) -> nn.Module:
+        """Wraps the inner collection; the result stands in for an EmbeddingBagCollection."""
+
+    def search_loss(self, module: nn.Module) -> torch.Tensor | None:
+        """Extra term added to the task loss during search (None = none)."""
+        return None
+
+    def extra_optimizers(self, module: nn.Module) -> list[torch.optim.Optimizer]:
+        """Optimizers for parameters that must not use the dense optimizer (e.g. thresholds)."""
+        return []
+
+    def extra_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        """Parameters owned by ``extra_optimizers`` (the trainer excludes them from the dense one)."""
+        return []
+
+    @abstractmethod
+    def export_plan(self, module: nn.Module, context: SearchContext) -> "Any":
+        """Turns the searched state into a ``embedding_methods.plan.SizePlan``."""
+
+
+def full_width_params(fields: list[FieldSpec], embedding_dim: int) -> int:
+    """Parameters of the full-width model: every id of every field at width D."""
+    return sum(f.num_embeddings for f in fields) * embedding_dim
