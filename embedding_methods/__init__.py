@@ -1,0 +1,73 @@
+"""Embedding-size methods, the size plan they export, and the compact retrain module.
+
+Registry: ``METHODS`` maps a method name to its ``EmbeddingMethod`` class; ``get_method(name)``
+looks one up. To add a method: a new file with the class (nested ``Config`` dataclass), an entry
+in ``_registry()`` below, a config under ``configs/`` and a test.
+
+For users of a finished run::
+
+    from embedding_methods import IdRemapper, load_compact_embedding, load_plan
+
+    module = load_compact_embedding("runs/mde")        # stands in for the DLRM's EBC
+    remap = IdRemapper(load_plan("runs/mde"))            # the data pipeline's feature_transform
+
+Imports are light: the plan and the remapper need only numpy, so data-loader processes that
+unpickle an ``IdRemapper`` do not import torch or torchrec. The method classes (and with them
+torchrec) load on first use of ``METHODS``, ``get_method`` or ``load_compact_embedding``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from embedding_methods.plan import FieldPlan, GroupPlan, PlanError, SizePlan, load_plan, save_plan, summarize_plan
+from embedding_methods.remap import IdRemapper, retrain_feature_names
+
+if TYPE_CHECKING:
+    from embedding_methods.base import EmbeddingMethod
+    from embedding_methods.mixed_dim import MixedDimEmbeddingBagCollection
+
+__all__ = [
+    "METHODS", "get_method", "load_compact_embedding", "IdRemapper", "retrain_feature_names",
+    "SizePlan", "FieldPlan", "GroupPlan", "PlanError", "load_plan", "save_plan", "summarize_plan",
+]
+
+
+def _registry() -> dict[str, type[EmbeddingMethod]]:
+    from embedding_methods.fixed import FixedWidth
+    from embedding_methods.mde import MDE
+    from embedding_methods.mlet import MLET
+
+    return {"fixed": FixedWidth, "mde": MDE, "mlet": MLET}
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: build METHODS (importing torchrec) only when someone asks for it.
+    if name == "METHODS":
+        methods = _registry()
+        globals()["METHODS"] = methods
+        return methods
+    raise AttributeError(f"module 'embedding_methods' has no attribute {name!r}")
+
+
+def get_method(name: str) -> type[EmbeddingMethod]:
+    """The method class registered under ``name``; ValueError naming the choices otherwise."""
+    from embedding_methods import METHODS
+
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def load_compact_embedding(run_dir_or_plan: str | Path, device: Any = "cpu") -> MixedDimEmbeddingBagCollection:
+    """The compact embedding module of a run (see ``embedding_methods.mixed_dim.load_compact_embedding``).
+
+    Built from ``RUN_DIR/plan.json`` (or the given plan file); loads the retrained weights
+    ``RUN_DIR/retrain/compact_embedding.pt`` (a plain ``state_dict`` of the module, written by the
+    trainer) when present, else the plan's ``init_checkpoint``, else keeps a fresh init. Feed it KJTs
+    built from ``IdRemapper(plan)`` outputs.
+    """
+    from embedding_methods.mixed_dim import load_compact_embedding as _load
+
+    return _load(run_dir_or_plan, device=device)

@@ -1,0 +1,471 @@
+"""A mask-aware stand-in for an ``EmbeddingBagCollection``: per-id masks applied before pooling.
+
+Per-id methods (AMTL, PME) decide something for every looked-up row, and a pooled bag is a sum of
+rows, so on a multi-hot field the mask must act on each row before the sum (design-notes.md,
+"Where masks can live"). ``MaskAwareEmbedding`` therefore looks the ids up with a real, unpooled
+``EmbeddingCollection`` (child ``ec``, every table of width D; DMP shards it, and the KJT reaches it
+unmodified so ``TrainPipelineSparseDist`` pipelines it), applies ``mask_fn`` row by row, sum-pools
+each bag and returns a ``KeyedTensor`` of width D per field, like the EBC it replaces.
+
+Children, all looked up with the same KJT (so every table lives wherever the planner puts it,
+and a row's side data sits on the shard that owns that row of the side table):
+
+``ebc`` (optional)
+    Single-hot fields with ``pooled_single_hot=True``: one id per bag, so the pooled vector *is*
+    the row and the per-id mask is exact on it, while the output all-to-all moves one vector per bag
+    instead of L (design-notes.md). Multi-hot fields always go through ``ec``.
+``ec`` (optional)
+    The unpooled full-width table of every other field.
+``side`` (optional, width 4)
+    Frozen per-id side features (``side_table_rows``), e.g. AMTL's frequency input. Not trained:
+    its output is detached, so no gradient ever reaches its TBE and its fused optimizer (plain SGD,
+    lr 0, attached here so that the sharder finds exactly one) never runs. That is cleaner than
+    relying on lr 0 alone: the values cannot drift whatever optimizer the table ends up with.
+``acc`` (optional, width D)
+    A saliency accumulator with the main table's rows (design-notes.md, "Accumulators that are
+    updated from gradients"): zeroed, looked up, and given the gradient ``-|e * dL/de|`` by
+    ``SaliencyTap``; its fused optimizer is plain SGD with lr 1, so ``acc -= lr * grad`` adds the
+    saliency into the rows, repeated ids summed by the TBE backward. The design note adds
+    ``-(acc_out * saliency.detach()).sum()`` to the loss; ``dL/de`` is unknown at forward time,
+    so the tap produces the same gradient directly in its backward instead.
+
+Pooling is a segment sum over each bag: ``torch.segment_reduce(..., "sum", lengths=...)`` (CPU and
+CUDA kernels with autograd), falling back to ``index_add`` over ``repeat_interleave(lengths)``.
+``torch.ops.fbgemm.segment_sum_csr`` exists in fbgemm-gpu-cpu 1.8 but registers no autograd
+kernel (backward warns and yields no gradient) and sums flat scalars, so it is not used.
+
+The trainer's obligations (see also ``embedding_methods.amtl`` / ``pme``): build the module on any
+device (``meta`` included), attach its sparse optimizer only to table parameters that carry no
+``_optimizer_classes`` yet (``side`` and ``acc`` already have theirs), shard, then call the method's
+``init_search_state(module, context)`` to fill ``side`` and zero ``acc`` shard by shard.
+
+Example::
+
+    module = MaskAwareEmbedding(fields, embedding_dim=16, mask_fn=my_mask, use_side=True)
+    kt = module(kjt)                      # KeyedTensor, width 16 per field
+    module.fill_side_tables(context, context.counts)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from embedding_methods.base import FieldSpec
+
+logger = logging.getLogger(__name__)
+
+SIDE_WIDTH = 4
+"""Width of the side table: FBGEMM TBE needs a multiple of 4 (torchrec.md section 0.2)."""
+NUM_SIDE_FEATURES = 3
+"""Meaningful columns of a side row; the last column is padding to ``SIDE_WIDTH``."""
+
+MaskFn = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``mask_fn(field_name, rows [L, D], side [L, 4]) -> mask [L, D]``, multiplied into the rows."""
+
+
+def main_table_name(field_name: str) -> str:
+    """The full-width search table of a field (TorchRec DLRM convention, as the baseline's)."""
+    return f"t_{field_name}"
+
+
+def side_table_name(field_name: str) -> str:
+    return f"side_{field_name}"
+
+
+def acc_table_name(field_name: str) -> str:
+    return f"acc_{field_name}"
+
+
+def side_table_rows(counts: np.ndarray, *, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Side features of the ids ``[start, stop)`` of a field from its train-split id counts.
+
+    Columns (float32):
+
+    0. ``log1p(count)``, the paper's occurrence-count input (methods.md section 3);
+    1. count-rank fraction: the share of the field's ids with a strictly larger count, in ``[0, 1)``
+       (0 for the most frequent ids; ids with equal counts share a rank);
+    2. normalised frequency ``alpha = log1p(count) / log1p(max count of the field)`` in ``[0, 1]``
+       (0 when the field has no occurrences). The log keeps alpha informative under the heavy tail of
+       CTR ids, where ``count / max_count`` is ~0 for all but a handful of ids;
+    3. 0 (padding to width 4).
+
+    Args:
+        counts (np.ndarray): ``[num_embeddings]`` int counts of the field (``counts/<field>.npy``).
+        start (int): first id of the slice.
+        stop (int | None): end of the slice (None = ``num_embeddings``).
+
+    Returns:
+        ``[stop - start, 4]`` float32 array.
+    """
+    counts = np.asarray(counts)
+    if counts.ndim != 1 or counts.size == 0:
+        raise ValueError(f"counts must be a non-empty 1-D array, got shape {counts.shape}")
+    if np.any(counts < 0):
+        raise ValueError("counts must be >= 0")
+    num = counts.size
+    stop = num if stop is None else stop
+    if not 0 <= start <= stop <= num:
+        raise ValueError(f"rows [{start}, {stop}) out of range [0, {num})")
+    part = counts[start:stop].astype(np.int64)
+    sorted_counts = np.sort(counts.astype(np.int64))
+    greater = num - np.searchsorted(sorted_counts, part, side="right")
+    log_count = np.log1p(part.astype(np.float64))
+    log_max = np.log1p(float(sorted_counts[-1]))
+    rows = np.zeros((stop - start, SIDE_WIDTH), dtype=np.float32)
+    rows[:, 0] = log_count
+    rows[:, 1] = greater / num
+    rows[:, 2] = log_count / log_max if log_max > 0 else 0.0
+    return rows
+
+
+class SaliencyTap(torch.autograd.Function):
+    """Identity on the looked-up rows whose backward also feeds the accumulator rows.
+
+    Forward: returns ``rows``. Backward, given ``g = dL/drows``:
+
+    - accumulator gradient ``-active * |rows * g|`` (SNIP connection sensitivity, Lee et al. 2019,
+      per occurrence; SGD with lr 1 on ``acc`` turns it into ``acc += |e * dL/de|``);
+    - row gradient ``g * pass_grad`` (``pass_grad = 0`` freezes the main table: every fused
+      optimizer the trainer offers moves a row by an amount proportional to its gradient, except
+      Adam with momentum left over from earlier steps).
+
+    ``active`` and ``pass_grad`` are 0-dim tensors, so gating needs no host sync.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, acc_rows: torch.Tensor, active: torch.Tensor,
+                pass_grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows, active, pass_grad)
+        return rows.view_as(rows)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        rows, active, pass_grad = ctx.saved_tensors
+        saliency = (rows.detach() * grad).abs()
+        return grad * pass_grad.to(grad.dtype), -saliency * active.to(grad.dtype), None, None
+
+
+_segment_reduce_ok: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Sums consecutive rows of ``values`` [L, D] into ``[len(lengths), D]`` bags (empty bag -> 0)."""
+    key = (values.device.type, values.dtype)
+    if _segment_reduce_ok.get(key, True):
+        try:
+            return torch.segment_reduce(values, "sum", lengths=lengths, axis=0, unsafe=True)
+        except (RuntimeError, NotImplementedError) as e:
+            logger.warning("torch.segment_reduce unavailable for %s (%s); pooling with index_add", key, e)
+            _segment_reduce_ok[key] = False
+    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths.to(torch.long),
+                                  output_size=values.shape[0])
+    out = torch.zeros(lengths.numel(), values.shape[1], dtype=values.dtype, device=values.device)
+    return out.index_add(0, bag, values)
+
+
+def _device_of(module: nn.Module | None, default: torch.device) -> torch.device:
+    if module is None:
+        return default
+    p = next(iter(module.parameters()), None)
+    return default if p is None else p.device
+
+
+class MaskAwareEmbedding(nn.Module):
+    """Stands in for an ``EmbeddingBagCollection`` (uniform width D) with per-id masks before pooling.
+
+    Args:
+        fields (list[FieldSpec]): the dataset's sparse fields (output order).
+        embedding_dim (int): D, a multiple of 4.
+        mask_fn (MaskFn | None): per-row multiplicative mask (see ``MaskFn``); an ``nn.Module`` is
+            registered as child ``mask_net`` (dense, DDP-replicated). None = no mask.
+        use_side (bool): look up the frozen side table and pass its rows to ``mask_fn``.
+        use_saliency (bool): add the ``acc`` table and the ``SaliencyTap``.
+        saliency_start (int): first training step (0-based forward count) that accumulates saliency.
+        saliency_steps (int): number of steps that accumulate saliency.
+        freeze_tables_from (int): from this training step on, no gradient reaches the main tables
+            (-1 = never). PME uses it so saliency is measured at one point of training and the
+            tables keep their values for "rewind".
+        pooled_single_hot (bool): single-hot fields use the pooled ``ebc`` (see module docstring).
+        ebc (EmbeddingBagCollection | None): the pooled collection of the single-hot fields, as the
+            trainer builds it from ``search_tables()``; None (or an empty one) builds it here.
+        device (torch.device | None): where to create the tables (``meta`` for DMP); default: the
+            device of ``ebc``'s parameters, else CPU.
+    """
+
+    def __init__(self, fields: list[FieldSpec], embedding_dim: int, *, mask_fn: MaskFn | None = None,
+                 use_side: bool = False, use_saliency: bool = False, saliency_start: int = 0,
+                 saliency_steps: int = 0, freeze_tables_from: int = -1, pooled_single_hot: bool = True,
+                 ebc: EmbeddingBagCollection | None = None, device: torch.device | None = None) -> None:
+        super().__init__()
+        if not fields:
+            raise ValueError("MaskAwareEmbedding: no sparse fields")
+        if embedding_dim <= 0 or embedding_dim % 4:
+            raise ValueError(f"embedding_dim must be a positive multiple of 4, got {embedding_dim}")
+        names = [f.name for f in fields]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate field names in {names}")
+        if saliency_start < 0 or saliency_steps < 0:
+            raise ValueError(f"saliency_start and saliency_steps must be >= 0, got {saliency_start}, {saliency_steps}")
+        self.fields = list(fields)
+        self.feature_names = names
+        self.embedding_dim = embedding_dim
+        self.pooled_names = [f.name for f in fields if pooled_single_hot and not f.multi_hot]
+        self.unpooled_names = [n for n in names if n not in self.pooled_names]
+        self.saliency_start = saliency_start
+        self.saliency_stop = saliency_start + saliency_steps
+        self.freeze_tables_from = freeze_tables_from
+        device = device if device is not None else _device_of(ebc, torch.device("cpu"))
+        by_name = {f.name: f for f in fields}
+
+        self.ebc: EmbeddingBagCollection | None = None
+        if self.pooled_names:
+            expected = {main_table_name(n): (by_name[n].num_embeddings, [n]) for n in self.pooled_names}
+            if ebc is not None and ebc.embedding_bag_configs():
+                got = {c.name: (c.num_embeddings, list(c.feature_names)) for c in ebc.embedding_bag_configs()}
+                dims = {c.embedding_dim for c in ebc.embedding_bag_configs()}
+                if got != expected or dims != {embedding_dim}:
+                    raise ValueError(f"ebc tables {sorted(got)} (widths {sorted(dims)}) do not match the pooled "
+                                     f"single-hot fields {sorted(expected)} at width {embedding_dim}; build it "
+                                     f"from the method's search_tables()")
+                self.ebc = ebc
+            else:
+                self.ebc = EmbeddingBagCollection(self.pooled_bag_configs(), device=device)
+        elif ebc is not None and ebc.embedding_bag_configs():
+            raise ValueError("ebc holds tables but no field takes the pooled path; pass an empty one or None")
+
+        def ec(width: int, name_fn: Callable[[str], str], field_names: list[str]) -> EmbeddingCollection:
+            return EmbeddingCollection(
+                [EmbeddingConfig(name=name_fn(n), num_embeddings=by_name[n].num_embeddings, embedding_dim=width,
+                                 feature_names=[n]) for n in field_names], device=device)
+
+        self.ec = ec(embedding_dim, main_table_name, self.unpooled_names) if self.unpooled_names else None
+        self.side = ec(SIDE_WIDTH, side_table_name, names) if use_side else None
+        self.acc = ec(embedding_dim, acc_table_name, names) if use_saliency else None
+        # Exactly one fused optimizer per table parameter (the sharder asserts it). lr 0 on the
+        # side table is a second guard on top of the detached output.
+        if self.side is not None:
+            apply_optimizer_in_backward(torch.optim.SGD, self.side.parameters(), {"lr": 0.0})
+        if self.acc is not None:
+            apply_optimizer_in_backward(torch.optim.SGD, self.acc.parameters(), {"lr": 1.0})
+        self.mask_fn = mask_fn
+        if isinstance(mask_fn, nn.Module):
+            self.mask_net = mask_fn
+        # Buffers: DMP turns meta buffers into zeros on its device, which is the right start.
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64, device=device))
+        """Training forwards seen so far (schedules the saliency window without host syncs)."""
+        self.register_buffer("side_filled", torch.zeros((), dtype=torch.int64, device=device))
+        """1 once ``fill_side_tables`` ran (checked once, on the first forward)."""
+        self._side_checked = False
+
+    # ----------------------------------------------------------------------------------------
+    # EmbeddingBagCollection surface
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        """One D-wide config per field, as DLRM's constructor reads them (feature order = fields)."""
+        return [EmbeddingBagConfig(name=main_table_name(f.name), num_embeddings=f.num_embeddings,
+                                   embedding_dim=self.embedding_dim, feature_names=[f.name]) for f in self.fields]
+
+    def pooled_bag_configs(self) -> list[EmbeddingBagConfig]:
+        """Configs of the pooled single-hot tables (what ``search_tables()`` returns)."""
+        return [c for c in self.embedding_bag_configs() if c.feature_names[0] in self.pooled_names]
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        # Every child receives the batch's KJT unchanged (pipelining needs it), and all lookups
+        # start before any result is used so their output all-to-alls overlap.
+        ebc_out = self.ebc(features) if self.ebc is not None else None
+        ec_out = self.ec(features) if self.ec is not None else None
+        side_out = self.side(features) if self.side is not None else None
+        acc_out = self.acc(features) if self.acc is not None else None
+        return _mask_and_pool(self, ebc_out, ec_out, side_out, acc_out)
+
+    def mask_and_pool(self, ebc_out: Any, ec_out: Any, side_out: Any, acc_out: Any) -> KeyedTensor:
+        """Taps, masks and pools the lookups of one batch (see the module docstring)."""
+        if side_out is not None and not self._side_checked:
+            if int(self.side_filled) != 1:
+                raise RuntimeError("MaskAwareEmbedding: the side table was never filled; the trainer must call "
+                                   "the method's init_search_state(module, context) after sharding")
+            self._side_checked = True
+        pooled_rows = ebc_out.to_dict() if ebc_out is not None else {}
+        active = pass_grad = None
+        if acc_out is not None:
+            steps = self.num_steps
+            active = ((steps >= self.saliency_start) & (steps < self.saliency_stop)) & self.training
+            pass_grad = steps < self.freeze_tables_from if self.freeze_tables_from >= 0 else torch.ones_like(active)
+        outputs = []
+        for name in self.feature_names:
+            if name in pooled_rows:
+                rows, lengths = pooled_rows[name], None  # single-hot: the bag is its only row
+            else:
+                jt = ec_out[name]
+                rows, lengths = jt.values(), jt.lengths()
+            if acc_out is not None:
+                rows = SaliencyTap.apply(rows, acc_out[name].values(), active, pass_grad)
+            if self.mask_fn is not None:
+                side = side_out[name].values().detach() if side_out is not None else rows.new_zeros(rows.shape[0], SIDE_WIDTH)
+                rows = rows * self.mask_fn(name, rows, side)
+            outputs.append(rows if lengths is None else segment_sum(rows, lengths))
+        if self.training:
+            with torch.no_grad():
+                self.num_steps += 1
+        return KeyedTensor(keys=list(self.feature_names), length_per_key=[self.embedding_dim] * len(outputs),
+                           values=torch.cat(outputs, dim=1))
+
+    # ----------------------------------------------------------------------------------------
+    # Search-state helpers (rank-local; the context does the collectives)
+
+    def main_table_names(self) -> list[str]:
+        return [main_table_name(n) for n in self.feature_names]
+
+    def fill_side_tables(self, context: Any, counts_fn: Callable[[str], np.ndarray]) -> None:
+        """Writes ``side_table_rows(counts)`` into this rank's shards of every side table."""
+        if self.side is None:
+            raise ValueError("this module has no side table (use_side=False)")
+        with torch.no_grad():
+            for f in self.fields:
+                counts = counts_fn(f.name)
+                if len(counts) != f.num_embeddings:
+                    raise ValueError(f"counts of field {f.name!r} have {len(counts)} entries, the field has "
+                                     f"{f.num_embeddings} ids")
+                for first, rows in context.local_rows(side_table_name(f.name)):
+                    if rows.shape[1] != SIDE_WIDTH:
+                        raise ValueError(f"side table of {f.name!r}: a local shard has {rows.shape[1]} columns; "
+                                         f"side tables must not be split column-wise")
+                    values = side_table_rows(counts, start=first, stop=first + rows.shape[0])
+                    rows.copy_(torch.from_numpy(values).to(rows.device, rows.dtype))
+            self.side_filled.fill_(1)
+
+    def zero_accumulators(self, context: Any) -> None:
+        """Zeroes this rank's shards of every saliency accumulator."""
+        if self.acc is None:
+            raise ValueError("this module has no accumulator (use_saliency=False)")
+        with torch.no_grad():
+            for f in self.fields:
+                for _, rows in context.local_rows(acc_table_name(f.name)):
+                    rows.zero_()
+
+    def saliency_steps_done(self) -> int:
+        """Training steps that have accumulated saliency so far."""
+        return max(0, min(int(self.num_steps), self.saliency_stop) - self.saliency_start)
+
+
+def _mask_and_pool(module: MaskAwareEmbedding, ebc_out: Any, ec_out: Any, side_out: Any, acc_out: Any) -> KeyedTensor:
+    return module.mask_and_pool(ebc_out, ec_out, side_out, acc_out)
+
+
+# One opaque node for the train pipeline's fx trace: it sees the lookups on the KJT, then this
+# call, whose dict indexing, autograd Functions and branches symbolic tracing cannot follow.
+torch.fx.wrap("_mask_and_pool")
+
+
+# --------------------------------------------------------------------------------------------
+# Shard access without a trainer (single process, tests) and weight copies into live shards
+
+
+def _table_weight(module: nn.Module, table_name: str) -> tuple[str, Any]:
+    """The ``(key, weight)`` of a table of ``module`` (an EC's or an EBC's, sharded or not)."""
+    suffixes = (f"embeddings.{table_name}.weight", f"embedding_bags.{table_name}.weight")
+    entries = [(k, v) for k, v in module.state_dict(keep_vars=True).items()
+               if any(k == s or k.endswith("." + s) for s in suffixes)]
+    if len(entries) != 1:
+        raise KeyError(f"table {table_name!r}: expected one weight in the module, found {[k for k, _ in entries]}")
+    return entries[0]
+
+
+def _plain(value: Any) -> torch.Tensor:
+    return value.data if isinstance(value, nn.Parameter) else value
+
+
+def iter_local_rows(module: nn.Module, table_name: str, *, owns_replicated: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first_global_row, rows)`` for each local shard of a table of ``module`` (live views).
+
+    Handles plain tensors (unsharded or data-parallel tables, yielded only when
+    ``owns_replicated``, so that a replicated table is counted on one rank) and TorchRec's
+    ``ShardedTensor``s (row-wise, table-wise and column-wise shards; a column-wise shard yields
+    its columns of the rows).
+    """
+    _, value = _table_weight(module, table_name)
+    if hasattr(value, "local_shards"):
+        for shard in value.local_shards():
+            yield int(shard.metadata.shard_offsets[0]), shard.tensor
+    elif owns_replicated:
+        yield 0, _plain(value)
+
+
+class LocalSearchContext:
+    """A ``SearchContext`` over a module's own shards, for single-process runs and tests.
+
+    Args:
+        module (nn.Module): the search module (sharded or not).
+        fields (list[FieldSpec]): the sparse fields.
+        embedding_dim (int): D.
+        counts (Mapping[str, np.ndarray]): train-split id counts per field.
+        budget (float): target parameter fraction (1.0 = none).
+        all_reduce_sum (Callable | None): sums a tensor over ranks (None = single process).
+        owns_replicated (bool): whether this process yields replicated (plain) tables; give it to
+            exactly one rank.
+    """
+
+    def __init__(self, module: nn.Module, fields: list[FieldSpec], embedding_dim: int,
+                 counts: Mapping[str, np.ndarray], *, budget: float = 1.0,
+                 all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 owns_replicated: bool = True) -> None:
+        self.module = module
+        self.fields = list(fields)
+        self.embedding_dim = embedding_dim
+        self.budget = budget
+        self._counts = dict(counts)
+        self._all_reduce_sum = all_reduce_sum
+        self._owns_replicated = owns_replicated
+
+    def local_rows(self, table_name: str) -> Iterator[tuple[int, torch.Tensor]]:
+        return iter_local_rows(self.module, table_name, owns_replicated=self._owns_replicated)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self._all_reduce_sum is None else self._all_reduce_sum(tensor)
+
+    def gather_table_rows(self, table_name: str) -> torch.Tensor:
+        _, value = _table_weight(self.module, table_name)
+        full = torch.zeros(tuple(value.size()), dtype=torch.float32)
+        if hasattr(value, "local_shards"):
+            for shard in value.local_shards():
+                (r, c), (n, m) = shard.metadata.shard_offsets[:2], shard.metadata.shard_sizes[:2]
+                full[r:r + n, c:c + m] = shard.tensor.detach().cpu().float()
+        elif self._owns_replicated:
+            full.copy_(_plain(value).detach().cpu().float())
+        return self.all_reduce_sum(full)
+
+    def evaluate(self, score_fn: Callable[[Any], None]) -> None:
+        raise NotImplementedError("LocalSearchContext has no validation data")
+
+    def counts(self, field_name: str) -> np.ndarray:
+        return self._counts[field_name]
+
+
+def copy_into_table(module: nn.Module, table_name: str, full_weight: torch.Tensor) -> None:
+    """Copies a full ``[num_rows, width]`` weight into a table of ``module``, shard by shard.
+
+    Works on unsharded tables and on the live local shards of ``ShardedTensor`` weights (row-,
+    table- and column-wise: each shard takes its ``[row, col]`` offsets), so it can run after DMP.
+    """
+    key, value = _table_weight(module, table_name)
+    with torch.no_grad():
+        if hasattr(value, "local_shards"):
+            if tuple(value.size()) != tuple(full_weight.shape):
+                raise ValueError(f"{key}: shape {tuple(value.size())}, source has {tuple(full_weight.shape)}")
+            for shard in value.local_shards():
+                (r, c), (n, m) = shard.metadata.shard_offsets[:2], shard.metadata.shard_sizes[:2]
+                shard.tensor.copy_(full_weight[r:r + n, c:c + m].to(shard.tensor.device, shard.tensor.dtype))
+        else:
+            if tuple(value.shape) != tuple(full_weight.shape):
+                raise ValueError(f"{key}: shape {tuple(value.shape)}, source has {tuple(full_weight.shape)}")
+            _plain(value).copy_(full_weight.to(value.device, value.dtype))

@@ -1,0 +1,126 @@
+"""Closed-form methods: MDE's alpha power rule under a budget, the fixed-width baseline, the registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+import embedding_methods
+from embedding_methods import get_method
+from embedding_methods.base import FieldSpec
+from embedding_methods.fixed import BudgetError, FixedWidth, fixed_width_for_budget, uniform_params
+from embedding_methods.mde import MDE, mde_params, mde_widths, mde_widths_for_alpha
+from embedding_methods.mixed_dim import build_retrain_module
+from trainer.config import ConfigError
+
+# Criteo Kaggle's 26 cardinalities after min-count filtering (order of magnitude), tiny to 1e7.
+CRITEO = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
+          5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+D = 16
+
+
+@dataclass
+class _Context:
+    """The part of SearchContext that closed-form methods read."""
+
+    budget: float
+    embedding_dim: int = D
+
+
+def _fields(cards: list[int]) -> list[FieldSpec]:
+    return [FieldSpec(name=f"C{i + 1}", num_embeddings=n) for i, n in enumerate(cards)]
+
+
+def test_power_rule_by_hand() -> None:
+    # D (n_min / n)^alpha with n_min = 1000 (100 <= md_threshold keeps D): 16, 5.06, 1.6 -> 16, 4, 4.
+    widths = mde_widths_for_alpha([100, 1000, 10_000, 100_000], 16, 0.5, md_threshold=200)
+    assert widths.tolist() == [16, 16, 4, 4]
+    # alpha 0.2: 16, 10.1, 6.4 -> nearest multiples of 4: 16, 12, 8.
+    assert mde_widths_for_alpha([100, 1000, 10_000, 100_000], 16, 0.2).tolist() == [16, 16, 12, 8]
+    assert mde_widths_for_alpha([100, 1000, 10_000, 100_000], 16, 0.2, round_to_power_of_2=True).tolist() == [16, 16, 8, 8]
+    assert mde_params([1000, 10_000], 16, np.array([16, 4])) == 1000 * 16 + 10_000 * 4 + 4 * 16
+
+
+@pytest.mark.parametrize("budget", [0.9, 0.6, 0.45, 0.35, 0.3])
+def test_budget_is_met_tightly_and_widths_are_monotone(budget: float) -> None:
+    widths, alpha = mde_widths(CRITEO, D, budget, md_threshold=200)
+    target = budget * sum(CRITEO) * D
+    assert mde_params(CRITEO, D, widths) <= target  # projections included
+    assert alpha > 0
+    # Tight: a slightly cooler temperature would overshoot, so alpha is the boundary.
+    assert mde_params(CRITEO, D, mde_widths_for_alpha(CRITEO, D, alpha - 1e-6)) > target
+    assert all(w % 4 == 0 and 4 <= w <= D for w in widths)
+    order = np.argsort(CRITEO, kind="stable")
+    sorted_widths = widths[order]
+    assert all(a >= b for a, b in zip(sorted_widths, sorted_widths[1:])), "a bigger table got wider"
+    assert all(w == D for n, w in zip(CRITEO, widths) if n <= 200)
+    assert widths[CRITEO.index(min(n for n in CRITEO if n > 200))] == D  # lambda: smallest table keeps D
+
+
+def test_budget_edge_cases() -> None:
+    widths, alpha = mde_widths(CRITEO, D, 1.0)
+    assert alpha == 0.0 and widths.tolist() == [D] * len(CRITEO)
+    widths, alpha = mde_widths(CRITEO, D, None, alpha=0.3)
+    assert alpha == 0.3 and widths.tolist() == mde_widths_for_alpha(CRITEO, D, 0.3).tolist()
+    with pytest.raises(BudgetError, match=r"MDE cannot meet budget 0.1: .* smallest reachable fraction 0.25"):
+        mde_widths(CRITEO, D, 0.1)
+    with pytest.raises(ValueError, match="cardinalities must be positive"):
+        mde_widths([10, 0], D, 0.5)
+
+
+def test_mde_method_plan_builds_matching_module() -> None:
+    method = MDE(MDE.Config(md_threshold=200), _fields(CRITEO[:8]), D)
+    plan = method.export_plan(module=None, context=_Context(budget=0.5))
+    assert plan.method == "mde" and plan.budget == 0.5
+    assert plan.achieved_fraction() <= 0.5
+    assert plan.extra["alpha"] == pytest.approx(mde_widths(CRITEO[:8], D, 0.5)[1])
+    module = build_retrain_module(plan, device="meta")
+    inner = sum(c.num_embeddings * c.embedding_dim for c in module.inner_configs())
+    assert inner + module.extra_embedding_params() == plan.num_params()
+    no_budget = method.export_plan(module=None, context=_Context(budget=1.0))
+    assert no_budget.budget is None and no_budget.extra["alpha"] == 0.3
+    assert [f.widths[0] for f in no_budget.fields] == mde_widths_for_alpha(CRITEO[:8], D, 0.3).tolist()
+    # No search training: the full-width collection is the search module itself.
+    tables = method.search_tables()
+    assert [t.embedding_dim for t in tables] == [D] * 8
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    assert method.build_search_module(ebc) is ebc and method.requires_search_training is False
+
+
+def test_fixed_width() -> None:
+    cards = [1000, 50, 7]
+    # w * N + F * w * D <= budget * N * D; N = 1057, F = 3, D = 16
+    assert fixed_width_for_budget(cards, D, 0.5) == 4 * int(0.5 * 1057 * 16 / (1057 + 48) // 4)
+    for budget in (0.3, 0.5, 0.77, 0.99):
+        w = fixed_width_for_budget(cards, D, budget)
+        assert uniform_params(cards, D, w) <= budget * 1057 * D < uniform_params(cards, D, w + 4)
+    with pytest.raises(BudgetError, match="below the smallest uniform plan"):
+        fixed_width_for_budget(cards, D, 0.2)
+    method = FixedWidth(FixedWidth.Config(), _fields(cards), D)
+    plan = method.export_plan(None, _Context(budget=0.5))
+    assert {f.widths[0] for f in plan.fields} == {fixed_width_for_budget(cards, D, 0.5)}
+    assert plan.achieved_fraction() <= 0.5
+    assert [f.widths for f in method.export_plan(None, _Context(budget=1.0)).fields] == [[8]] * 3  # D / 2
+    assert FixedWidth(FixedWidth.Config(width=12), _fields(cards), D).plan_for_budget(None).fields[0].widths == [12]
+
+
+def test_configs_validate() -> None:
+    with pytest.raises(ConfigError, match="fixed.width"):
+        FixedWidth.Config(width=6)
+    with pytest.raises(ConfigError, match="exceeds model.embedding_dim"):
+        FixedWidth(FixedWidth.Config(width=32), _fields([10]), D)
+    with pytest.raises(ConfigError, match="mde.alpha"):
+        MDE.Config(alpha=-0.1)
+    with pytest.raises(ConfigError, match="mde.md_threshold"):
+        MDE.Config(md_threshold=-1)
+
+
+def test_registry() -> None:
+    assert get_method("mde") is MDE and get_method("fixed") is FixedWidth
+    assert set(embedding_methods.METHODS) >= {"fixed", "mde", "mlet"}
+    with pytest.raises(ValueError, match=r"unknown method 'autodim'; choose from \['fixed', 'mde', 'mlet'"):
+        get_method("autodim")
