@@ -1,0 +1,761 @@
+"""Streaming converters of raw CTR logs (Criteo, Avazu, any CSV/Parquet) to the embdim format.
+
+Every converter reads its inputs with pyarrow's streaming CSV reader (or Parquet batches), block
+by block, so memory is bounded by the vocabularies rather than the files:
+
+0. ``--split a,b,c`` only: count the rows of the inputs (a light pass over one column) to place
+   the contiguous train/valid/test cuts (``--split files``: the three inputs are the splits);
+1. count the values of every categorical field over the **train** rows (``pyarrow.compute
+   .value_counts`` per block, merged by a vectorized group-by); the vocabulary of a field is its
+   values seen at least ``min_count`` times, with ids 1..V by descending count (ties by value);
+2. map values to ids (``pyarrow.compute.index_in`` against the vocabulary, +1; missing and
+   unseen -> 0, the OOV id), log-transform the dense features, and write Parquet row groups;
+   count the ids of the train split (``counts/<field>.npy``).
+
+The dataset is built in a temporary folder beside ``out`` and moved into place at the end;
+``dataset.json`` is written last. ``vocab/<field>.parquet`` keeps each vocabulary (row i holds
+the value of id i + 1 and its train count) so that ids can be mapped back to raw values.
+
+Public entry points: ``convert_criteo``, ``convert_avazu``, ``convert_csv``.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from trainer.data.manifest import SPLITS, DatasetError, Manifest, SparseField, write_manifest
+from trainer.data.writer import (
+    DEFAULT_ROW_GROUP_SIZE,
+    DEFAULT_ROWS_PER_FILE,
+    IdCounter,
+    SplitWriter,
+    ValueCounter,
+    build_vocab,
+    check_output_dir,
+    dense_transform,
+    list_array,
+    map_to_ids,
+    output_schema,
+    parse_split,
+    save_counts,
+    split_sizes,
+    staged_output,
+)
+from trainer.io import atomic_path
+
+DEFAULT_SPLIT = "0.8,0.1,0.1"
+DEFAULT_MIN_COUNT = 2
+DEFAULT_BLOCK_SIZE = 16 << 20
+DENSE_TRANSFORM = "log(1 + max(x, 0)); missing -> 0"
+
+CRITEO_LABEL = "label"
+CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
+CRITEO_SPARSE = [f"C{i}" for i in range(1, 27)]
+
+
+# --------------------------------------------------------------------------------------------
+# parsing helpers (errors name the file, the column and the row)
+
+
+def _where(path: Path, row: int, header_lines: int) -> str:
+    """``row`` is the 0-based data row within the file; ``header_lines`` < 0: not a text file."""
+    if header_lines < 0:
+        return f"row {row + 1}"
+    return f"row {row + 1} (line {row + 1 + header_lines})"
+
+
+def _first_bad_number(values: pa.Array) -> int | None:
+    for i, v in enumerate(values.to_pylist()):
+        if v is None:
+            continue
+        try:
+            float(v)
+        except (TypeError, ValueError):
+            return i
+    return None
+
+
+def _to_float(values: pa.Array, path: Path, column: str, first_row: int, header_lines: int, what: str) -> np.ndarray:
+    """float64 values (null -> NaN); non-numeric strings raise naming the file, column and row."""
+    if pa.types.is_floating(values.type) or pa.types.is_integer(values.type) or pa.types.is_boolean(values.type) \
+            or pa.types.is_null(values.type):
+        out = values.cast(pa.float64())
+    else:
+        try:
+            out = pc.cast(values, pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            bad = _first_bad_number(values)
+            at = f", {_where(path, first_row + bad, header_lines)}: {values[bad].as_py()!r}" if bad is not None else ""
+            raise DatasetError(f"{path}: {what} column {column!r} holds a non-numeric value{at}") from None
+    return out.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+
+
+def _labels(values: pa.Array, path: Path, column: str, first_row: int, header_lines: int) -> np.ndarray:
+    x = _to_float(values, path, column, first_row, header_lines, "label")
+    bad = np.flatnonzero(~((x == 0.0) | (x == 1.0)))
+    if len(bad):
+        i = int(bad[0])
+        raw = values[i].as_py()
+        raise DatasetError(
+            f"{path}: {_where(path, first_row + i, header_lines)}: label column {column!r} holds "
+            f"{'an empty value' if raw is None else repr(raw)}; labels must be 0 or 1")
+    return x.astype(np.float32)
+
+
+def _dense(values: pa.Array, path: Path, column: str, first_row: int, header_lines: int) -> np.ndarray:
+    x = _to_float(values, path, column, first_row, header_lines, "dense")
+    x = np.where(np.isfinite(x), x, 0.0)
+    return dense_transform(x)
+
+
+def _as_string(values: pa.Array) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if pa.types.is_string(values.type):
+        return values
+    if pa.types.is_large_string(values.type) or pa.types.is_dictionary(values.type):
+        return values.cast(pa.string())
+    return pc.cast(values, pa.string())
+
+
+@dataclass
+class _Multi:
+    """A multi-hot column: the non-empty items (strings) and, for each, its row."""
+    num_rows: int
+    values: pa.Array
+    parents: np.ndarray
+
+
+def _split_multi(values: pa.Array, separator: str) -> _Multi:
+    """Splits a multi-hot column (``a|b|c`` strings or a list column) into items; empty items are dropped."""
+    n = len(values)
+    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        lists = values
+    else:
+        lists = pc.split_pattern(_as_string(values), pattern=separator)
+    flat = pc.list_flatten(lists)
+    parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.utf8_trim_whitespace(_as_string(flat))
+    keep = pc.and_(pc.is_valid(flat), pc.not_equal(flat, "")).fill_null(False)
+    keep_np = keep.to_numpy(zero_copy_only=False)
+    return _Multi(n, flat.filter(keep), parents[keep_np])
+
+
+def _multi_ids(m: _Multi, vocab: pa.Array) -> tuple[pa.ListArray, np.ndarray]:
+    """list<int64> ids (a row without items gets [0], the OOV id) and the flat ids (for counts)."""
+    ids = map_to_ids(m.values, vocab)
+    lengths = np.bincount(m.parents, minlength=m.num_rows) if len(m.parents) else np.zeros(m.num_rows, np.int64)
+    old_offsets = np.zeros(m.num_rows + 1, np.int64)
+    np.cumsum(lengths, out=old_offsets[1:])
+    new_lengths = np.maximum(lengths, 1)
+    offsets = np.zeros(m.num_rows + 1, np.int64)
+    np.cumsum(new_lengths, out=offsets[1:])
+    flat = np.zeros(int(offsets[-1]), np.int64)
+    if len(ids):
+        pos = offsets[m.parents] + (np.arange(len(ids)) - old_offsets[m.parents])
+        flat[pos] = ids
+    return list_array(offsets, flat), flat
+
+
+# --------------------------------------------------------------------------------------------
+# input formats
+
+
+@dataclass
+class _Prepared:
+    """One block of input rows, parsed: label, dense (float32, transformed), categoricals."""
+    num_rows: int
+    label: np.ndarray | None = None
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
+    single: dict[str, pa.Array] = field(default_factory=dict)
+    multi: dict[str, _Multi] = field(default_factory=dict)
+
+
+def _is_parquet(path: Path) -> bool:
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PAR1"
+    except OSError:
+        return False
+
+
+class _Format:
+    """An input format: which columns it has, how to read blocks and how to parse them."""
+
+    source = ""
+    header_lines = 1
+    label: str
+    dense: list[str]
+    sparse: list[str]
+    multi_hot: list[str]
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = int(block_size)
+
+    # -- to implement
+    def check(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def iter_raw(self, path: Path, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        raise NotImplementedError
+
+    def raw_columns(self, numeric: bool) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self, batch: pa.RecordBatch, path: Path, first_row: int, numeric: bool) -> _Prepared:
+        raise NotImplementedError
+
+    # -- shared
+    def count_rows(self, path: Path) -> int:
+        n = 0
+        for b in self.iter_raw(path, columns=[self.raw_columns(numeric=True)[0]]):
+            n += b.num_rows
+        return n
+
+    def _csv_batches(self, path: Path, read_options: pcsv.ReadOptions, parse_options: pcsv.ParseOptions,
+                     convert_options: pcsv.ConvertOptions) -> Iterator[pa.RecordBatch]:
+        try:
+            reader = pcsv.open_csv(str(path), read_options=read_options, parse_options=parse_options,
+                                   convert_options=convert_options)
+        except (pa.ArrowInvalid, pa.ArrowKeyError, OSError) as e:
+            raise DatasetError(f"{path}: cannot read as {self.source} CSV: {e}") from None
+        with reader:
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    return
+                except (pa.ArrowInvalid, OSError) as e:
+                    raise DatasetError(f"{path}: malformed {self.source} data: {e}") from None
+                yield batch
+
+
+def _string_types(names: Sequence[str]) -> dict[str, pa.DataType]:
+    return {n: pa.string() for n in names}
+
+
+class _Criteo(_Format):
+    source = "criteo"
+    header_lines = 0
+    label = CRITEO_LABEL
+    dense = CRITEO_DENSE
+    sparse = CRITEO_SPARSE
+    multi_hot: list[str] = []
+    columns = [CRITEO_LABEL, *CRITEO_DENSE, *CRITEO_SPARSE]
+
+    def check(self, path: Path) -> None:
+        line = _first_line(path)
+        if not line:
+            return
+        n = line.count(b"\t") + 1
+        if n != len(self.columns):
+            raise DatasetError(
+                f"{path}: line 1 has {n} tab-separated columns; Criteo logs have {len(self.columns)} "
+                "(label, I1..I13, C1..C26) and no header")
+
+    def raw_columns(self, numeric: bool) -> list[str]:
+        return list(self.columns) if numeric else list(self.sparse)
+
+    def count_rows(self, path: Path) -> int:
+        return _count_lines(path)
+
+    def iter_raw(self, path: Path, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        cols = list(columns) if columns is not None else list(self.columns)
+        return self._csv_batches(
+            path,
+            pcsv.ReadOptions(column_names=self.columns, block_size=self.block_size),
+            pcsv.ParseOptions(delimiter="\t", quote_char=False),
+            pcsv.ConvertOptions(column_types=_string_types(cols), include_columns=cols, null_values=[""],
+                                strings_can_be_null=True),
+        )
+
+    def prepare(self, batch: pa.RecordBatch, path: Path, first_row: int, numeric: bool) -> _Prepared:
+        p = _Prepared(batch.num_rows)
+        if numeric:
+            p.label = _labels(batch.column(self.label), path, self.label, first_row, self.header_lines)
+            for d in self.dense:
+                p.dense[d] = _dense(batch.column(d), path, d, first_row, self.header_lines)
+        for s in self.sparse:
+            p.single[s] = batch.column(s)
+        return p
+
+
+def _first_line(path: Path, limit: int = 64 << 20) -> bytes:
+    """The first line of an input (gzip/bz2 detected by extension), without its line break."""
+    try:
+        with pa.input_stream(str(path), compression="detect") as f:
+            buf = b""
+            while b"\n" not in buf and len(buf) < limit:
+                chunk = f.read(1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DatasetError(f"{path}: cannot open: {e}") from None
+    return buf.split(b"\n", 1)[0].rstrip(b"\r")
+
+
+def _count_lines(path: Path, chunk_size: int = 1 << 24) -> int:
+    """Non-empty lines of a text input (gzip/bz2 detected by extension), by counting line breaks:
+    exact for formats without quoted line breaks (Criteo, Avazu). Empty lines ("" or "\\r") are
+    not counted, as pyarrow's CSV reader skips them."""
+    lines = blank = 0
+    tail = np.frombuffer(b"\0\n", np.uint8)  # as if preceded by a line break: a leading empty line is blank
+    last = b""
+    try:
+        with pa.input_stream(str(path), compression="detect") as f:
+            while True:
+                chunk = f.read(chunk_size)
+                if not chunk:
+                    break
+                probe = np.concatenate([tail, np.frombuffer(chunk, np.uint8)])
+                nl, cr = probe == 10, probe == 13
+                lines += int(nl[2:].sum())
+                blank += int((nl[2:] & (nl[1:-1] | (cr[1:-1] & nl[:-2]))).sum())
+                tail, last = probe[-2:].copy(), chunk[-1:]
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DatasetError(f"{path}: cannot read: {e}") from None
+    if last and last not in (b"\n", b"\r"):
+        lines += 1  # a last line without a line break
+    return lines - blank
+
+
+def _read_header(path: Path, delimiter: str) -> list[str]:
+    line = _first_line(path)
+    if not line.strip():
+        raise DatasetError(f"{path}: empty file or empty header line (a CSV header naming the columns is expected)")
+    try:
+        t = pcsv.read_csv(io.BytesIO(line + b"\n"), parse_options=pcsv.ParseOptions(delimiter=delimiter))
+    except pa.ArrowInvalid as e:
+        raise DatasetError(f"{path}: cannot parse the CSV header: {e}") from None
+    return t.schema.names
+
+
+class _Avazu(_Format):
+    source = "avazu"
+    header_lines = 1
+    label = "click"
+    dense: list[str] = []
+    multi_hot: list[str] = []
+    derived = ["hour_of_day", "weekday"]
+
+    def __init__(self, block_size: int) -> None:
+        super().__init__(block_size)
+        self.categorical: list[str] | None = None  # raw categorical columns, from the first file
+
+    @property
+    def sparse(self) -> list[str]:  # type: ignore[override]
+        return [*self.derived, *(self.categorical or [])]
+
+    def check(self, path: Path) -> None:
+        names = _read_header(path, ",")
+        for c in ("click", "hour"):
+            if c not in names:
+                raise DatasetError(f"{path}: column {c!r} not found in the header; Avazu logs have "
+                                   f"id, click, hour, C1, banner_pos, ...; got {names}")
+        cats = [n for n in names if n not in ("id", "click", "hour")]
+        if self.categorical is None:
+            clash = sorted(set(cats) & set(self.derived))
+            if clash:
+                raise DatasetError(f"{path}: column(s) {clash} clash with the derived hour features")
+            self.categorical = cats
+        else:
+            missing = [c for c in self.categorical if c not in names]
+            if missing:
+                raise DatasetError(f"{path}: column {missing[0]!r} not found (it is in the first input); got {names}")
+
+    def raw_columns(self, numeric: bool) -> list[str]:
+        assert self.categorical is not None
+        return (["click"] if numeric else []) + ["hour", *self.categorical]
+
+    def count_rows(self, path: Path) -> int:
+        return max(0, _count_lines(path) - 1)  # less the header line
+
+    def iter_raw(self, path: Path, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        cols = list(columns) if columns is not None else self.raw_columns(numeric=True)
+        return self._csv_batches(
+            path,
+            pcsv.ReadOptions(block_size=self.block_size),
+            pcsv.ParseOptions(delimiter=","),
+            pcsv.ConvertOptions(column_types=_string_types(cols), include_columns=cols, null_values=[""],
+                                strings_can_be_null=True),
+        )
+
+    def prepare(self, batch: pa.RecordBatch, path: Path, first_row: int, numeric: bool) -> _Prepared:
+        assert self.categorical is not None
+        p = _Prepared(batch.num_rows)
+        if numeric:
+            p.label = _labels(batch.column("click"), path, "click", first_row, self.header_lines)
+        hour = batch.column("hour")
+        try:
+            ts = pc.strptime(hour, format="%y%m%d%H", unit="s")
+        except pa.ArrowInvalid:
+            bad = None
+            for i, v in enumerate(hour.to_pylist()):
+                if v is not None and not (len(v) == 8 and v.isdigit()):
+                    bad = i
+                    break
+            at = f", {_where(path, first_row + bad, 1)}: {hour[bad].as_py()!r}" if bad is not None else ""
+            raise DatasetError(f"{path}: column 'hour' must be YYMMDDHH{at}") from None
+        p.single["hour_of_day"] = pc.cast(pc.hour(ts), pa.string())
+        p.single["weekday"] = pc.cast(pc.day_of_week(ts), pa.string())  # Monday = 0
+        for c in self.categorical:
+            p.single[c] = batch.column(c)
+        return p
+
+
+class _Generic(_Format):
+    source = "csv"
+
+    def __init__(self, block_size: int, *, label: str, dense: Sequence[str], sparse: Sequence[str],
+                 multi_hot: Sequence[str], delimiter: str, multi_hot_separator: str) -> None:
+        super().__init__(block_size)
+        self.label = label
+        self.dense = list(dense)
+        self.multi_hot = list(multi_hot)
+        self.sparse = [*sparse, *[m for m in multi_hot if m not in sparse]]
+        self.delimiter = delimiter
+        self.separator = multi_hot_separator
+        names = [label, *self.dense, *self.sparse]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"column(s) {dupes} declared more than once (label/dense/sparse/multi-hot)")
+        if not self.sparse:
+            raise ValueError("declare at least one categorical column (--sparse or --multi-hot)")
+        if len(delimiter) != 1:
+            raise ValueError(f"--delimiter must be one character, got {delimiter!r}")
+        if not multi_hot_separator:
+            raise ValueError("--multi-hot-separator must not be empty")
+
+    def _roles(self) -> list[tuple[str, str]]:
+        return [(self.label, "label"), *[(d, "dense") for d in self.dense],
+                *[(s, "multi-hot" if s in self.multi_hot else "sparse") for s in self.sparse]]
+
+    def check(self, path: Path) -> None:
+        if _is_parquet(path):
+            try:
+                names = pq.ParquetFile(path).schema_arrow.names
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DatasetError(f"{path}: cannot read as Parquet: {e}") from None
+        else:
+            names = _read_header(path, self.delimiter)
+        for col, role in self._roles():
+            if col not in names:
+                raise DatasetError(f"{path}: {role} column {col!r} not found; the file's columns are {names}")
+
+    def raw_columns(self, numeric: bool) -> list[str]:
+        return ([self.label, *self.dense] if numeric else []) + list(self.sparse)
+
+    def header_lines_of(self, path: Path) -> int:
+        return -1 if _is_parquet(path) else 1
+
+    def iter_raw(self, path: Path, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        cols = list(columns) if columns is not None else self.raw_columns(numeric=True)
+        if _is_parquet(path):
+            return self._parquet_batches(path, cols)
+        return self._csv_batches(
+            path,
+            pcsv.ReadOptions(block_size=self.block_size),
+            pcsv.ParseOptions(delimiter=self.delimiter),
+            pcsv.ConvertOptions(column_types=_string_types(cols), include_columns=cols, null_values=[""],
+                                strings_can_be_null=True),
+        )
+
+    def _parquet_batches(self, path: Path, cols: list[str]) -> Iterator[pa.RecordBatch]:
+        try:
+            f = pq.ParquetFile(path)
+            rows = max(1024, self.block_size // 64)
+            for b in f.iter_batches(batch_size=rows, columns=cols):
+                yield b
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DatasetError(f"{path}: cannot read as Parquet: {e}") from None
+
+    def count_rows(self, path: Path) -> int:
+        if _is_parquet(path):
+            return pq.ParquetFile(path).metadata.num_rows
+        return super().count_rows(path)
+
+    def prepare(self, batch: pa.RecordBatch, path: Path, first_row: int, numeric: bool) -> _Prepared:
+        p = _Prepared(batch.num_rows)
+        h = self.header_lines_of(path)
+        if numeric:
+            p.label = _labels(batch.column(self.label), path, self.label, first_row, h)
+            for d in self.dense:
+                p.dense[d] = _dense(batch.column(d), path, d, first_row, h)
+        for s in self.sparse:
+            col = batch.column(s)
+            if s in self.multi_hot:
+                p.multi[s] = _split_multi(col, self.separator)
+            else:
+                if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                    raise DatasetError(f"{path}: sparse column {s!r} holds lists; declare it with --multi-hot")
+                p.single[s] = _as_string(col)
+        return p
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def _bar(progress: bool, desc: str, total: int | None):
+    return tqdm(total=total, desc=desc, unit="rows", unit_scale=True, disable=not progress, file=sys.stderr,
+                leave=False, dynamic_ncols=True)
+
+
+class _Router:
+    """Iterates the inputs block by block and routes row ranges to train/valid/test."""
+
+    def __init__(self, fmt: _Format, inputs: list[Path], mode, file_rows: list[int] | None) -> None:
+        self.fmt, self.inputs, self.mode = fmt, inputs, mode
+        if mode == "files":
+            self.sizes = None
+        else:
+            assert file_rows is not None
+            self.total = sum(file_rows)
+            self.sizes = split_sizes(self.total, mode)
+            self.file_rows = file_rows
+
+    def ranges(self) -> list[tuple[str, int, int]]:
+        assert self.sizes is not None
+        a, b, _ = self.sizes
+        return [("train", 0, a), ("valid", a, a + b), ("test", a + b, self.total)]
+
+    def __iter__(self) -> Iterator[tuple[str, Path, int, pa.RecordBatch]]:
+        return self.iterate(train_only=False, numeric=True)
+
+    def iterate(self, *, train_only: bool, numeric: bool) -> Iterator[tuple[str, Path, int, pa.RecordBatch]]:
+        cols = self.fmt.raw_columns(numeric)
+        if self.mode == "files":
+            for split, path in zip(SPLITS, self.inputs):
+                if train_only and split != "train":
+                    return
+                first = 0
+                for batch in self.fmt.iter_raw(path, cols):
+                    yield split, path, first, batch
+                    first += batch.num_rows
+            return
+        ranges = self.ranges()
+        g = 0  # global row index of the first row of the current block
+        for path, expected in zip(self.inputs, self.file_rows):
+            first = 0
+            for batch in self.fmt.iter_raw(path, cols):
+                n = batch.num_rows
+                for split, lo, hi in ranges:
+                    s, e = max(lo, g), min(hi, g + n)
+                    if s < e and not (train_only and split != "train"):
+                        yield split, path, first + (s - g), batch.slice(s - g, e - s)
+                g += n
+                first += n
+                if train_only and g >= ranges[0][2]:
+                    return
+            if first != expected:
+                raise DatasetError(f"{path}: read {first} rows, but the first pass counted {expected}; "
+                                   "did the file change during the conversion?")
+
+
+MAP_MIN_ROWS = 1 << 16
+MAP_MAX_ROWS = 1 << 20
+
+
+def _coalesce(blocks: Iterator[tuple[str, Path, int, pa.RecordBatch]], target_rows: int):
+    """Merges consecutive blocks of the same split and file into batches of about ``target_rows``
+    rows: ``index_in`` rebuilds its hash table of the vocabulary at every call, so mapping bigger
+    batches amortizes that cost when vocabularies are large."""
+    pending: list[pa.RecordBatch] = []
+    key = None
+    first = rows = 0
+
+    def flush():
+        t = pa.Table.from_batches(pending).combine_chunks()
+        batches = t.to_batches()
+        return key[0], key[1], first, batches[0] if len(batches) == 1 else pa.RecordBatch.from_struct_array(
+            pa.concat_arrays([b.to_struct_array() for b in batches]))
+
+    for split, path, start, batch in blocks:
+        if pending and (split, path) != key:
+            yield flush()
+            pending, rows = [], 0
+        if not pending:
+            key, first = (split, path), start
+        pending.append(batch)
+        rows += batch.num_rows
+        if rows >= target_rows:
+            yield flush()
+            pending, rows = [], 0
+    if pending:
+        yield flush()
+
+
+def _convert(fmt: _Format, inputs: Sequence[str | Path], out: str | Path, *, split: str, min_count: int,
+             row_group_size: int, rows_per_file: int | None, progress: bool, options: dict) -> Manifest:
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise ValueError("no input files")
+    for p in paths:
+        if not p.is_file():
+            raise DatasetError(f"{p}: input file not found")
+    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
+        raise ValueError(f"--min-count must be a positive integer, got {min_count!r}")
+    if row_group_size < 1:
+        raise ValueError(f"--row-group-size must be positive, got {row_group_size}")
+    mode = parse_split(split, len(paths))
+    check_output_dir(out)
+    for p in paths:
+        fmt.check(p)
+
+    file_rows = None
+    if mode != "files":
+        file_rows = []
+        with _bar(progress, f"{fmt.source}: counting rows", None) as bar:
+            for p in paths:
+                file_rows.append(fmt.count_rows(p))
+                bar.update(file_rows[-1])
+    router = _Router(fmt, paths, mode, file_rows)
+    n_train_expected = router.sizes[0] if router.sizes else None
+    if n_train_expected == 0:
+        raise DatasetError(f"the train split is empty ({sum(file_rows or [])} input rows, --split {split})")
+
+    # pass 1: value counts over the train rows
+    counters = {s: ValueCounter() for s in fmt.sparse}
+    train_rows = 0
+    with _bar(progress, f"{fmt.source}: vocabularies (train)", n_train_expected) as bar:
+        for _, path, first, batch in router.iterate(train_only=True, numeric=False):
+            prep = fmt.prepare(batch, path, first, numeric=False)
+            for s, arr in prep.single.items():
+                counters[s].update(_as_string(arr))
+            for s, m in prep.multi.items():
+                counters[s].update(m.values)
+            train_rows += batch.num_rows
+            bar.update(batch.num_rows)
+    if train_rows == 0:
+        raise DatasetError(f"{paths[0]}: the train split has no rows")
+    vocabs: dict[str, tuple[pa.Array, np.ndarray]] = {}
+    for s in fmt.sparse:
+        vocabs[s] = build_vocab(counters[s].result(), min_count)
+    del counters
+    num_embeddings = {s: len(vocabs[s][0]) + 1 for s in fmt.sparse}
+
+    # pass 2: ids, dense transform, Parquet
+    schema = output_schema(fmt.label, fmt.dense, fmt.sparse, fmt.multi_hot)
+    with staged_output(out) as stage:
+        writers = {sp: SplitWriter(stage, sp, schema, row_group_size=row_group_size, rows_per_file=rows_per_file)
+                   for sp in SPLITS}
+        id_counts = {s: IdCounter(num_embeddings[s]) for s in fmt.sparse}
+        total = sum(router.sizes) if router.sizes else None
+        try:
+            with _bar(progress, f"{fmt.source}: writing", total) as bar:
+                target = min(MAP_MAX_ROWS, max(MAP_MIN_ROWS, max(num_embeddings.values()) // 2))
+                for sp, path, first, batch in _coalesce(iter(router), target):
+                    prep = fmt.prepare(batch, path, first, numeric=True)
+                    arrays: list[pa.Array] = [pa.array(prep.label, pa.float32())]
+                    arrays += [pa.array(prep.dense[d], pa.float32()) for d in fmt.dense]
+                    for s in fmt.sparse:
+                        if s in prep.multi:
+                            lists, flat = _multi_ids(prep.multi[s], vocabs[s][0])
+                            arrays.append(lists)
+                            if sp == "train":
+                                id_counts[s].update(flat)
+                        else:
+                            ids = map_to_ids(_as_string(prep.single[s]), vocabs[s][0])
+                            arrays.append(pa.array(ids, pa.int64()))
+                            if sp == "train":
+                                id_counts[s].update(ids)
+                    writers[sp].write(pa.Table.from_arrays(arrays, schema=schema))
+                    bar.update(batch.num_rows)
+            infos = {sp: w.close() for sp, w in writers.items()}
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        if infos["train"].num_rows != train_rows:
+            raise DatasetError(f"the train split has {infos['train'].num_rows} rows in the second pass but "
+                               f"{train_rows} in the first; did an input change during the conversion?")
+        for s in fmt.sparse:
+            save_counts(stage, s, id_counts[s].counts)
+            values, counts = vocabs[s]
+            with atomic_path(stage / "vocab" / f"{s}.parquet") as tmp:
+                pq.write_table(pa.table({"value": values, "count": pa.array(counts, pa.int64())}), tmp)
+        splits = {sp: info for sp, info in infos.items() if sp == "train" or info.num_rows > 0}
+        manifest = Manifest(
+            label=fmt.label,
+            dense=list(fmt.dense),
+            sparse=[SparseField(s, num_embeddings[s], s in fmt.multi_hot) for s in fmt.sparse],
+            splits=splits,
+            source=fmt.source,
+            extra={
+                "inputs": [str(p) for p in paths],
+                "split": split if isinstance(split, str) else ",".join(str(x) for x in split),
+                "min_count": min_count,
+                "row_group_size": row_group_size,
+                "dense_transform": DENSE_TRANSFORM,
+                "vocab_dir": "vocab",
+                **options,
+            },
+        )
+        write_manifest(stage, manifest)
+    return manifest
+
+
+def convert_criteo(inputs: Sequence[str | Path], out: str | Path, *, split: str = DEFAULT_SPLIT,
+                   min_count: int = DEFAULT_MIN_COUNT, row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+                   rows_per_file: int | None = DEFAULT_ROWS_PER_FILE, block_size: int = DEFAULT_BLOCK_SIZE,
+                   progress: bool = True) -> Manifest:
+    """Criteo Kaggle ``train.txt`` / Criteo 1TB ``day_N`` logs (tab-separated, no header; ``.gz`` ok).
+
+    Columns label, I1..I13 (integers, may be empty or negative; stored as log(1 + max(x, 0)),
+    empty -> 0), C1..C26 (hex strings; empty -> OOV id 0).
+    """
+    return _convert(_Criteo(block_size), inputs, out, split=split, min_count=min_count,
+                    row_group_size=row_group_size, rows_per_file=rows_per_file, progress=progress, options={})
+
+
+def convert_avazu(inputs: Sequence[str | Path], out: str | Path, *, split: str = DEFAULT_SPLIT,
+                  min_count: int = DEFAULT_MIN_COUNT, row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+                  rows_per_file: int | None = DEFAULT_ROWS_PER_FILE, block_size: int = DEFAULT_BLOCK_SIZE,
+                  progress: bool = True) -> Manifest:
+    """Avazu CTR logs (CSV with header: id, click, hour, C1, banner_pos, site_id, ..., C21).
+
+    ``id`` is dropped; ``hour`` (YYMMDDHH) becomes the categorical fields ``hour_of_day`` (0..23)
+    and ``weekday`` (Monday = 0); every other column is categorical. No dense features.
+    """
+    return _convert(_Avazu(block_size), inputs, out, split=split, min_count=min_count,
+                    row_group_size=row_group_size, rows_per_file=rows_per_file, progress=progress, options={})
+
+
+def convert_csv(inputs: Sequence[str | Path], out: str | Path, *, label: str, dense: Sequence[str] = (),
+                sparse: Sequence[str] = (), multi_hot: Sequence[str] = (), delimiter: str = ",",
+                multi_hot_separator: str = "|", split: str = DEFAULT_SPLIT, min_count: int = DEFAULT_MIN_COUNT,
+                row_group_size: int = DEFAULT_ROW_GROUP_SIZE, rows_per_file: int | None = DEFAULT_ROWS_PER_FILE,
+                block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True) -> Manifest:
+    """Any CSV (with a header line) or Parquet input with declared columns.
+
+    ``label`` must hold 0/1; ``dense`` columns are numeric (log(1 + max(x, 0)), empty -> 0);
+    ``sparse`` columns are categorical (single-hot, int64 ids); ``multi_hot`` columns hold several
+    values separated by ``multi_hot_separator`` (or are Parquet list columns) and become
+    ``list<int64>`` (a row without values gets [0]).
+    """
+    if delimiter in ("\\t", "tab", "TAB"):
+        delimiter = "\t"
+    fmt = _Generic(block_size, label=label, dense=list(dense), sparse=list(sparse), multi_hot=list(multi_hot),
+                   delimiter=delimiter, multi_hot_separator=multi_hot_separator)
+    return _convert(fmt, inputs, out, split=split, min_count=min_count, row_group_size=row_group_size,
+                    rows_per_file=rows_per_file, progress=progress,
+                    options={"delimiter": delimiter, "multi_hot_separator": multi_hot_separator})
+
+
+__all__ = ["convert_criteo", "convert_avazu", "convert_csv", "CRITEO_DENSE", "CRITEO_SPARSE", "CRITEO_LABEL"]
