@@ -29,17 +29,26 @@ if TYPE_CHECKING:
     from embedding_methods.mixed_dim import MixedDimEmbeddingBagCollection
 
 __all__ = [
-    "METHODS", "get_method", "load_compact_embedding", "IdRemapper", "retrain_feature_names",
+    "METHODS", "METHOD_NAMES", "get_method", "load_compact_embedding", "IdRemapper", "retrain_feature_names",
     "SizePlan", "FieldPlan", "GroupPlan", "PlanError", "load_plan", "save_plan", "summarize_plan",
 ]
 
 
+# The registered names, in report order (available without importing torchrec).
+METHOD_NAMES = ("fixed", "mde", "mlet", "optembed", "amtl", "pme")
+
+
 def _registry() -> dict[str, type[EmbeddingMethod]]:
+    from embedding_methods.amtl import AMTL
     from embedding_methods.fixed import FixedWidth
     from embedding_methods.mde import MDE
     from embedding_methods.mlet import MLET
+    from embedding_methods.optembed import OptEmbed
+    from embedding_methods.pme import PME
 
-    return {"fixed": FixedWidth, "mde": MDE, "mlet": MLET}
+    registry = {"fixed": FixedWidth, "mde": MDE, "mlet": MLET, "optembed": OptEmbed, "amtl": AMTL, "pme": PME}
+    assert tuple(registry) == METHOD_NAMES
+    return registry
 
 
 def __getattr__(name: str) -> Any:

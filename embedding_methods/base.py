@@ -108,6 +108,23 @@ class EmbeddingMethod(ABC):
     def export_plan(self, module: nn.Module, context: SearchContext) -> "Any":
         """Turns the searched state into a ``embedding_methods.plan.SizePlan``."""
 
+    def wants_retrain_init(self) -> bool:
+        """True when ``retrain_init_state`` gives start values for the retrain (then the trainer
+        gathers an unsharded copy of the trained search module to pass it)."""
+        return False
+
+    def retrain_init_state(self, searched: nn.Module, initial: nn.Module | None,
+                           plan: "Any") -> dict[str, torch.Tensor] | None:
+        """Start values of the retrain module, as a ``state_dict`` of
+        ``mixed_dim.build_retrain_module(plan)``, or None for a fresh initialisation.
+
+        Args:
+            searched: an unsharded CPU copy of the trained search module.
+            initial: the same at step 0 when ``needs_initial_checkpoint`` is true, else None.
+            plan: the exported ``SizePlan``.
+        """
+        return None
+
 
 def full_width_params(fields: list[FieldSpec], embedding_dim: int) -> int:
     """Parameters of the full-width model: every id of every field at width D."""

@@ -212,6 +212,15 @@ class MLET(EmbeddingMethod):
         return MLETEmbeddingBagCollection(ebc, self.width, self.embedding_dim, init=self.config.init,
                                           init_std=self.config.init_std)
 
+    def wants_retrain_init(self) -> bool:
+        return True
+
+    def retrain_init_state(self, searched: nn.Module, initial: nn.Module | None,
+                           plan: SizePlan) -> dict[str, torch.Tensor]:
+        """The collapsed tables ``V_t W_t^T`` and the kept d -> D projections: the retrain model
+        starts out computing exactly what the factorized model computed (MLET paper, Sec. 3)."""
+        return {k: v.detach().cpu() for k, v in collapse_module(searched).state_dict().items()}
+
     def export_plan(self, module: nn.Module, context: SearchContext) -> SizePlan:
         """Every field at width d with all ids. The plan's ``init_checkpoint`` is left unset: write
         the collapsed weights with ``save_collapsed_init`` (one device) or shard by shard with

@@ -631,6 +631,37 @@ class OptEmbed(EmbeddingMethod):
         """True when the trainer must save the supernet's step-0 weights (``retrain_init="rewind"``)."""
         return self.config.retrain_init == "rewind"
 
+    def wants_retrain_init(self) -> bool:
+        return self.config.retrain_init != "fresh"
+
+    def retrain_init_state(self, searched: nn.Module, initial: nn.Module | None,
+                           plan: SizePlan) -> dict[str, torch.Tensor] | None:
+        """Kept rows' first w columns and ``[I_w | 0]`` projections (``inherited_weights``), from the
+        step-0 supernet ("rewind", the official retrain.py's lottery-ticket reload) or the trained
+        one ("inherit", as Hetu); None for "fresh"."""
+        if self.config.retrain_init == "fresh":
+            return None
+        source = initial if self.config.retrain_init == "rewind" else searched
+        if source is None:
+            raise ValueError("optembed.retrain_init='rewind' needs the step-0 supernet; the trainer passed none")
+        from embedding_methods.mixed_dim import build_retrain_module, table_name_for_feature
+        from embedding_methods.plan import group_feature_name
+
+        module = build_retrain_module(plan, device="cpu")
+        tables = _supernet(source).ebc.embedding_bags
+        with torch.no_grad():
+            slots = [c.name for c in module.inner_configs()]
+            for field_plan in plan.fields:
+                full = tables[self.table_name(field_plan.name)].weight.detach()
+                for k, group in enumerate(field_plan.groups):
+                    feature = group_feature_name(field_plan.name, k, len(field_plan.groups))
+                    table, projection = inherited_weights(full, group, self.embedding_dim)
+                    name = table_name_for_feature(feature)
+                    module.ebc.embedding_bags[name].weight.copy_(table)
+                    if projection is not None:
+                        module.projection.slot_weight(slots.index(name)).copy_(projection)
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
     @staticmethod
     def table_name(field_name: str) -> str:
         """Name of a field's search table."""

@@ -130,15 +130,24 @@ class TrainConfig:
     """Also write TensorBoard scalars to RUN_DIR/tensorboard."""
     progress_bar: bool = True
     """Show a tqdm progress bar on rank 0."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in RUN_DIR/ckpt; older ones are deleted after each save (0 = keep all)."""
+    pipeline: bool = True
+    """Train with TorchRec's TrainPipelineSparseDist (input dist of the next batch overlaps this
+    batch's compute); false runs a plain forward/backward/step loop."""
     fail_at_step: int = -1
-    """Fault injection for tests: rank 0... (see fail_rank) raises at this step (-1 = never)."""
+    """Fault injection for tests: rank fail_rank raises right after finishing this step (and its
+    checkpoint), when the run started below it (-1 = never)."""
     fail_rank: int = 0
     """Rank that raises at fail_at_step."""
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")
-        for key in ("max_steps", "log_every", "eval_every", "checkpoint_every"):
+        for key in ("max_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
             _check(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _check(self.fail_at_step == -1 or self.fail_at_step > 0, "train.fail_at_step",
+               f"must be -1 (never) or a positive step, got {self.fail_at_step}")
+        _check(self.fail_rank >= 0, "train.fail_rank", f"must be >= 0, got {self.fail_rank}")
 
 
 @dataclass

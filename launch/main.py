@@ -1,0 +1,183 @@
+"""The ``embdim`` command line.
+
+Subcommands::
+
+    embdim data {synth,criteo,avazu,csv} ...      build a dataset folder
+    embdim train --data DIR --out RUN_DIR [--config FILE.toml] [--set section.key=value ...]
+    embdim launch --nproc-per-node N [torchrun flags] -- SUBCOMMAND ARGS...
+    embdim demo --out DIR [--rows N]              synthetic data + 2-rank CPU training, prints AUC
+
+Rank-level subcommands (``train``) read their rank from torchrun's environment, so both
+``embdim launch --nproc-per-node 2 -- train ...`` and ``torchrun --nproc_per_node 2 -m launch.main
+train ...`` work; without torchrun they run on one rank.
+
+Each subcommand lives in a ``register(subparsers)`` function listed in ``COMMANDS``; a handler
+takes the parsed arguments and returns the exit code. User errors (bad config, dataset, flags)
+print one ``embdim: error: ...`` line and return 2; ``EMBDIM_TRACEBACK=1`` re-raises them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from launch import data_cli, phases_cli
+from launch.launcher import add_arguments as add_launch_arguments
+from launch.launcher import launch, run_torchrun, torchrun_argv
+from trainer.checkpoint import CheckpointError
+from trainer.config import ConfigError, load_config
+from trainer.data.manifest import DatasetError, load_manifest
+from trainer.logger import init_logger
+
+logger = logging.getLogger("embdim")
+
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ValueError)
+
+# The demo: small enough for 2 CPU ranks on 2 cores in about a minute, big enough for the
+# planted signal of the synthetic data to show in the test AUC.
+DEMO_ROWS = 150_000
+DEMO_SETTINGS = [
+    "data.batch_size=256",
+    "data.eval_batch_size=2048",
+    "model.embedding_dim=16",
+    "train.epochs=1",
+    "train.log_every=50",
+    "train.progress_bar=false",
+    "optim.sparse_lr=0.05",
+    "optim.dense_lr=0.003",
+]
+
+
+# ---------------------------------------------------------------------------- train
+def _check_data_dir(path: str) -> Path:
+    data = Path(path)
+    if not data.is_dir():
+        raise DatasetError(f"{data}: dataset folder not found (--data); make one with `embdim data synth --out {data}`")
+    load_manifest(data)  # validate before any rank joins a collective
+    return data
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trainer.distributed import abort, destroy, init_distributed
+    from trainer.loop import Trainer
+
+    config = load_config(args.config, args.set)
+    data = _check_data_dir(args.data)
+    env = init_distributed()
+    try:
+        Trainer(config, data, args.out, env=env).fit()
+    except BaseException:
+        abort()  # peers may be blocked in a collective: an orderly destroy would hang (NCCL)
+        raise
+    destroy()
+    return 0
+
+
+def register_train(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train a sharded DLRM on a dataset folder (one rank, or under torchrun)")
+    p.add_argument("--data", required=True, help="dataset folder made by `embdim data`")
+    p.add_argument("--out", required=True, help="run folder: metrics.json, ckpt/, tensorboard/ (resumes from ckpt/latest)")
+    p.add_argument("--config", default=None, help="TOML config (see configs/default.toml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.epochs=2")
+    p.set_defaults(func=_train)
+
+
+# ---------------------------------------------------------------------------- launch
+def register_launch(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("launch", help="run a subcommand on N ranks per node through torchrun")
+    add_launch_arguments(p)
+    p.set_defaults(func=launch)
+
+
+# ---------------------------------------------------------------------------- demo
+def _demo(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    data, run = out / "data", out / "run"
+    start = time.perf_counter()
+    if (data / "dataset.json").exists():
+        print(f"demo: reusing the dataset in {data}")
+    else:
+        from trainer.data.synth import generate_synthetic
+
+        print(f"demo: generating {args.rows} synthetic Criteo-shaped rows into {data}")
+        generate_synthetic(data, num_rows=args.rows, seed=args.seed)
+    if run.exists():  # a fresh run: the trainer would otherwise resume the previous one
+        shutil.rmtree(run)
+    launch_args = argparse.Namespace(
+        nproc_per_node="2", nnodes=None, node_rank=None, rdzv_backend=None, rdzv_endpoint=None, rdzv_id=None,
+        max_restarts=None, master_addr=None, master_port=None, standalone=True,
+        command=["train", "--data", str(data), "--out", str(run), *[a for s in DEMO_SETTINGS for a in ("--set", s)]],
+    )
+    # Two CPU ranks (gloo) even on a GPU host: the demo's point is to run anywhere.
+    code = run_torchrun(torchrun_argv(launch_args), env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    if code != 0:
+        print(f"embdim: error: demo training failed with exit code {code}", file=sys.stderr)
+        return code
+    metrics = json.loads((run / "metrics.json").read_text())
+    print(f"demo: test AUC {metrics['test_auc']:.4f} (valid AUC {metrics['valid_auc']:.4f}, "
+          f"{metrics['steps']} steps on {metrics['world_size']} CPU ranks, "
+          f"{time.perf_counter() - start:.0f} s wall); metrics in {run / 'metrics.json'}")
+    return 0
+
+
+def register_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("demo", help="generate synthetic data, train on 2 CPU ranks, print the test AUC")
+    p.add_argument("--out", required=True, help="demo folder (data/ and run/ go inside)")
+    p.add_argument("--rows", type=int, default=DEMO_ROWS, help="synthetic rows (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    p.set_defaults(func=_demo)
+
+
+# ---------------------------------------------------------------------------- entry point
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    data_cli.register,
+    register_train,
+    phases_cli.register,
+    register_launch,
+    register_demo,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embdim", description="Learned embedding sizes for TorchRec DLRM models.")
+    subparsers = parser.add_subparsers(dest="command_name", metavar="COMMAND")
+    for register in COMMANDS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses ``argv`` (default ``sys.argv[1:]``), runs the subcommand, returns the exit code."""
+    init_logger()
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse printed usage and the error (or --help)
+        return int(e.code or 0)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        if os.environ.get("EMBDIM_TRACEBACK") == "1":
+            raise
+        print(f"embdim: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cli() -> None:
+    """Console-script entry point (``embdim``)."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

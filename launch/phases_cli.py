@@ -1,0 +1,106 @@
+"""``embdim search`` and ``embdim retrain``: the two phases of learning embedding sizes.
+
+::
+
+    embdim search  --data DIR --method NAME [--budget F] --out RUN_DIR [--config ...] [--set ...]
+    embdim retrain --data DIR --plan RUN_DIR/plan.json --out RUN_DIR/retrain [--config ...] [--set ...]
+
+Both run on one rank, or on many under ``embdim launch`` / torchrun, and write ``metrics.json``
+like ``embdim train``. One TOML file serves both (method sections such as ``[optembed]`` are
+typed by the method; see ``trainer.phases.RunConfig``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from trainer.config import ConfigError, load_config
+from trainer.data.manifest import DatasetError, load_manifest
+
+
+def _check_data_dir(path: str) -> Path:
+    data = Path(path)
+    if not data.is_dir():
+        raise DatasetError(f"{data}: dataset folder not found (--data); make one with `embdim data synth --out {data}`")
+    load_manifest(data)  # validate before any rank joins a collective
+    return data
+
+
+def load_run_config(args: argparse.Namespace, extra: list[str] = ()) -> "object":
+    from trainer.phases import RunConfig
+
+    return load_config(args.config, [*args.set, *extra], cls=RunConfig)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from embedding_methods import get_method
+    from trainer.distributed import destroy, init_distributed
+    from trainer.phases import run_search
+
+    get_method(args.method)  # unknown names fail before any rank starts
+    extra = []
+    if args.budget is not None:
+        if not 0.0 < args.budget <= 1.0:
+            raise ConfigError(f"--budget: must be in (0, 1], got {args.budget}")
+        extra.append(f"search.budget={args.budget}")
+    if args.init_from:
+        extra.append(f'search.init_from="{args.init_from}"')
+    config = load_run_config(args, extra)
+    data = _check_data_dir(args.data)
+    env = init_distributed()
+    try:
+        result = run_search(config, data, args.out, args.method, env)
+    finally:
+        destroy()
+    if env.is_main:
+        print(f"search: {args.method} plan {result['plan']} at {result['achieved_fraction']:.4f} of the full-width "
+              f"embedding parameters")
+    return 0
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    from trainer.distributed import destroy, init_distributed
+    from trainer.phases import run_retrain
+
+    config = load_run_config(args)
+    data = _check_data_dir(args.data)
+    plan = Path(args.plan)
+    if not plan.exists():
+        raise DatasetError(f"{plan}: plan not found (--plan); make one with `embdim search`")
+    env = init_distributed()
+    try:
+        metrics = run_retrain(config, data, plan, args.out, env)
+    finally:
+        destroy()
+    if env.is_main:
+        print(f"retrain: test AUC {metrics['test_auc']:.4f}, {metrics['embedding_params']} embedding parameters "
+              f"({metrics['compression_ratio']:.2f}x smaller than full width); metrics in {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset folder made by `embdim data`")
+    p.add_argument("--config", default=None, help="TOML config (see configs/default.toml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set optembed.generations=10")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from embedding_methods import METHOD_NAMES
+
+    p = subparsers.add_parser("search", help="search embedding sizes with a method; writes RUN_DIR/plan.json")
+    _add_common(p)
+    p.add_argument("--method", required=True, help=f"one of {', '.join(METHOD_NAMES)}")
+    p.add_argument("--budget", type=float, default=None,
+                   help="fraction of the full-width embedding parameters, in (0, 1] (default: none)")
+    p.add_argument("--init-from", default=None,
+                   help="warm start from a trained baseline's run folder or checkpoint (methods that support it)")
+    p.add_argument("--out", required=True, help="run folder: plan.json, metrics.json, ckpt/")
+    p.set_defaults(func=_search)
+
+    p = subparsers.add_parser("retrain", help="train the compact model of a size plan")
+    _add_common(p)
+    p.add_argument("--plan", required=True, help="RUN_DIR/plan.json written by `embdim search`")
+    p.add_argument("--out", required=True, help="run folder of the retrained model (e.g. RUN_DIR/retrain)")
+    p.set_defaults(func=_retrain)

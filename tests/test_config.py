@@ -1,0 +1,164 @@
+"""trainer.config: TOML loading, --set overrides, error messages naming file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainer.config import Config, ConfigError, config_to_dict, load_config, merge_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file():
+    config = load_config()
+    assert config == Config()
+    assert config.model.embedding_dim % 4 == 0
+
+
+def test_default_toml_matches_dataclass_defaults():
+    # configs/default.toml documents the defaults: it must load and equal them exactly.
+    assert load_config(REPO / "configs" / "default.toml") == Config()
+
+
+def test_toml_values(tmp_path):
+    path = write(tmp_path, """
+[data]
+batch_size = 64
+shuffle = false
+
+[model]
+embedding_dim = 8
+dense_arch_layer_sizes = [32, 8]
+interaction = "dcn"
+
+[optim]
+dense_lr = 1
+""")
+    config = load_config(path)
+    assert config.data.batch_size == 64 and config.data.shuffle is False
+    assert config.model.embedding_dim == 8 and config.model.dense_arch_layer_sizes == [32, 8]
+    assert config.model.interaction == "dcn"
+    assert config.optim.dense_lr == 1.0 and isinstance(config.optim.dense_lr, float)  # int accepted for float
+    assert config.data.eval_batch_size == Config().data.eval_batch_size  # untouched keys keep defaults
+
+
+def test_overrides_types(tmp_path):
+    path = write(tmp_path, "[train]\nepochs = 3\n")
+    config = load_config(path, [
+        "train.epochs=5",                       # int, overrides the file
+        "optim.sparse_lr=0.5",                  # float
+        "train.tensorboard=true",               # bool
+        "model.embedding_dim=8",
+        "model.dense_arch_layer_sizes=[16, 8]",  # list
+        "optim.dense_optimizer=sgd",            # bare word -> string
+        'sharding.sharding_type="row_wise"',    # quoted string
+    ])
+    assert config.train.epochs == 5
+    assert config.optim.sparse_lr == 0.5
+    assert config.train.tensorboard is True
+    assert config.model.dense_arch_layer_sizes == [16, 8]
+    assert config.optim.dense_optimizer == "sgd"
+    assert config.sharding.sharding_type == "row_wise"
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    path = write(tmp_path, "[train]\nepochz = 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and "train.epochz" in str(e.value)
+
+
+def test_unknown_section_names_file_and_section(tmp_path):
+    path = write(tmp_path, "[trainer]\nepochs = 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and "trainer" in str(e.value)
+
+
+def test_unknown_override_key():
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["train.nope=1"])
+    assert "train.nope" in str(e.value) and "--set" in str(e.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.epochs=1.5", "train.epochs"),        # float for int
+    ("train.epochs=true", "train.epochs"),       # bool is not an int
+    ("train.tensorboard=1", "train.tensorboard"),  # int for bool
+    ("model.dense_arch_layer_sizes=16", "model.dense_arch_layer_sizes"),  # scalar for list
+    ("model.dense_arch_layer_sizes=[16, 'a']", "model.dense_arch_layer_sizes[1]"),
+    ("optim.sparse_lr=fast", "optim.sparse_lr"),  # bare word for float
+])
+def test_wrong_types(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert key in str(e.value)
+
+
+def test_wrong_type_in_file_names_file(tmp_path):
+    path = write(tmp_path, '[data]\nbatch_size = "big"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and "data.batch_size" in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.embedding_dim=6", "model.dense_arch_layer_sizes=[6]"], "model.embedding_dim"),  # not % 4
+    (["model.dense_arch_layer_sizes=[64, 8]"], "model.dense_arch_layer_sizes"),  # last != embedding_dim
+    (["model.over_arch_layer_sizes=[8, 2]"], "model.over_arch_layer_sizes"),     # last != 1
+    (["model.interaction=attention"], "model.interaction"),
+    (["optim.sparse_optimizer=lamb"], "optim.sparse_optimizer"),
+    (["optim.dense_lr=0"], "optim.sparse_lr"),
+    (["data.batch_size=0"], "data.batch_size"),
+    (["train.epochs=0"], "train.epochs"),
+    (["train.checkpoint_every=-1"], "train.checkpoint_every"),
+    (["train.keep_checkpoints=-2"], "train.keep_checkpoints"),
+    (["train.fail_at_step=0"], "train.fail_at_step"),
+    (["sharding.sharding_type=diagonal"], "sharding.sharding_type"),
+    (["sharding.compute_kernel=dense"], "sharding.compute_kernel"),
+])
+def test_validation_errors(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=overrides)
+    assert key in str(e.value)
+
+
+def test_validation_error_names_file(tmp_path):
+    path = write(tmp_path, "[model]\nembedding_dim = 10\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and "model.embedding_dim" in str(e.value)
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(write(tmp_path, "[data\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("text", ["train.epochs", "epochs=3", ".epochs=3", "train.=3"])
+def test_malformed_override(text):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(overrides=[text])
+
+
+def test_override_of_non_section():
+    with pytest.raises(ConfigError, match="not a section"):
+        merge_overrides({"train": 3}, ["train.epochs=2"])
+
+
+def test_config_to_dict_round_trip():
+    config = load_config(overrides=["train.epochs=4", "model.interaction=dcn"])
+    as_dict = config_to_dict(config)
+    assert as_dict["train"]["epochs"] == 4 and as_dict["model"]["interaction"] == "dcn"
+    assert load_config(overrides=[f"{s}.{k}={v!r}".replace("'", '"').replace("True", "true").replace("False", "false")
+                                  for s, section in as_dict.items() for k, v in section.items()]) == config

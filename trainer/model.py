@@ -1,0 +1,177 @@
+"""The CTR model: TorchRec's DLRM (or DLRM_DCN) over one embedding table per sparse field.
+
+The sparse module is built on the ``meta`` device, so its tables are only materialised shard by
+shard when ``DistributedModelParallel`` places them. ``torchrec.models.dlrm`` stays unmodified:
+later phases swap in their own sparse module through ``sparse_module_factory``; it must stand in
+for an ``EmbeddingBagCollection`` as ``SparseArch`` sees it (``forward(KJT) -> KeyedTensor`` of
+uniform width, ``embedding_bag_configs()`` reporting that width) and hold the real collection as a
+child, so that DMP finds and shards it and ``TrainPipelineSparseDist`` can pipeline it.
+
+Example::
+
+    manifest = load_manifest("data/")
+    model = build_model(config.model, manifest, device=torch.device("cpu"))
+    loss, (loss_detached, logits, labels) = model(batch)  # after sharding
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, data_type_to_dtype
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+from trainer.config import ModelConfig
+from trainer.data.manifest import Manifest
+
+SparseModuleFactory = Callable[[list[EmbeddingBagConfig]], nn.Module]
+AuxLossFn = Callable[[nn.Module], "torch.Tensor | None"]
+
+
+def table_name(field_name: str) -> str:
+    """The embedding table of a sparse field (TorchRec DLRM convention ``t_<feature>``)."""
+    return f"t_{field_name}"
+
+
+def build_tables(manifest: Manifest, embedding_dim: int) -> list[EmbeddingBagConfig]:
+    """One full-width ``EmbeddingBagConfig`` per sparse field of the dataset, in manifest order."""
+    return [
+        EmbeddingBagConfig(
+            name=table_name(f.name),
+            embedding_dim=embedding_dim,
+            num_embeddings=f.num_embeddings,
+            feature_names=[f.name],
+        )
+        for f in manifest.sparse
+    ]
+
+
+def dense_in_features(manifest: Manifest) -> int:
+    """Width of the dense input; the reader yields one zero column when a dataset has no dense feature."""
+    return max(1, len(manifest.dense))
+
+
+def _add_aux_loss(loss: torch.Tensor, aux: "_AuxLoss") -> torch.Tensor:
+    value = aux.fn(aux.sparse_arch.embedding_bag_collection)
+    return loss if value is None else loss + value
+
+
+# The train pipeline fx-traces the model to find the sharded modules it can pipeline. Wrapping
+# the aux-loss call keeps it a single opaque node: the callback is never run under tracing, and
+# whatever it does cannot break the trace or hide the sparse module's input from the tracer.
+torch.fx.wrap("_add_aux_loss")
+
+
+class _AuxLoss(nn.Module):
+    """Holds the aux-loss callback; a parameterless child so fx can refer to it as an attribute."""
+
+    def __init__(self, fn: AuxLossFn, sparse_arch: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+        # Not registered as a child (that would duplicate the model's parameters in state_dict).
+        # The SparseArch is kept rather than the sparse module because DMP may replace the
+        # latter (a plain EmbeddingBagCollection) by its sharded twin.
+        object.__setattr__(self, "sparse_arch", sparse_arch)
+
+
+class TrainModel(nn.Module):
+    """``DLRMTrain`` plus an optional auxiliary loss (a search phase's regulariser).
+
+    ``forward(batch)`` returns ``(loss + aux, (loss, logits, labels))`` with the last three
+    detached: the shape ``TrainPipelineSparseDist`` expects of a model.
+
+    Args:
+        dlrm (DLRM): a ``DLRM`` or ``DLRM_DCN``.
+        aux_loss_fn (AuxLossFn | None): called with the sparse module (the EmbeddingBagCollection,
+            or what ``sparse_module_factory`` built) on every training forward; a returned tensor
+            is added to the loss, ``None`` adds nothing.
+    """
+
+    def __init__(self, dlrm: DLRM, aux_loss_fn: AuxLossFn | None = None) -> None:
+        super().__init__()
+        self.dlrm = DLRMTrain(dlrm)
+        self.aux = _AuxLoss(aux_loss_fn, dlrm.sparse_arch) if aux_loss_fn is not None else None
+
+    @property
+    def sparse_module(self) -> nn.Module:
+        """The module in the EBC slot of DLRM's SparseArch (sharded or a stand-in, after DMP)."""
+        return self.dlrm.model.sparse_arch.embedding_bag_collection
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        loss, output = self.dlrm(batch)
+        if self.aux is not None and self.training:
+            loss = _add_aux_loss(loss, self.aux)
+        return loss, output
+
+
+def build_model(
+    config: ModelConfig,
+    manifest: Manifest,
+    *,
+    device: torch.device,
+    sparse_module_factory: SparseModuleFactory | None = None,
+    aux_loss_fn: AuxLossFn | None = None,
+) -> TrainModel:
+    """Builds the unsharded model: sparse module on ``meta``, dense arch on ``device``.
+
+    Args:
+        config (ModelConfig): widths and interaction.
+        manifest (Manifest): the dataset (sparse fields and their cardinalities, dense count).
+        device (torch.device): where the dense arch lives (DMP moves the embeddings).
+        sparse_module_factory (SparseModuleFactory | None): ``tables -> module`` standing in for
+            the ``EmbeddingBagCollection``; the tables are the full-width ones of the manifest.
+        aux_loss_fn (AuxLossFn | None): see ``TrainModel``.
+    """
+    tables = build_tables(manifest, config.embedding_dim)
+    if sparse_module_factory is None:
+        sparse: nn.Module = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    else:
+        sparse = sparse_module_factory(tables)
+        if not hasattr(sparse, "embedding_bag_configs"):
+            raise TypeError(f"sparse_module_factory returned {type(sparse).__name__} without embedding_bag_configs()")
+        widths = sorted({c.embedding_dim for c in sparse.embedding_bag_configs()})
+        if widths != [config.embedding_dim]:
+            raise ValueError(f"the sparse module reports widths {widths}; DLRM needs the uniform "
+                             f"model.embedding_dim={config.embedding_dim}")
+    common = dict(
+        embedding_bag_collection=sparse,
+        dense_in_features=dense_in_features(manifest),
+        dense_arch_layer_sizes=list(config.dense_arch_layer_sizes),
+        over_arch_layer_sizes=list(config.over_arch_layer_sizes),
+        dense_device=device,
+    )
+    if config.interaction == "dcn":
+        dlrm: DLRM = DLRM_DCN(**common, dcn_num_layers=config.dcn_num_layers, dcn_low_rank_dim=config.dcn_low_rank_dim)
+    else:
+        dlrm = DLRM(**common)
+    return TrainModel(dlrm, aux_loss_fn)
+
+
+def embedding_size(model: nn.Module) -> tuple[int, int]:
+    """``(params, bytes)`` of the embeddings of an unsharded model: rows * width summed over the
+    tables of every ``EmbeddingBagCollection`` / ``EmbeddingCollection`` in it (the collections
+    that DMP shards), plus what a stand-in sparse module reports through an optional
+    ``extra_embedding_params()`` (projections that belong to the embedding, at 4 bytes each)."""
+    params = num_bytes = 0
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            configs = module.embedding_bag_configs()
+        elif isinstance(module, EmbeddingCollection):
+            configs = module.embedding_configs()
+        else:
+            configs = []
+        for c in configs:
+            n = c.num_embeddings * c.embedding_dim
+            params += n
+            num_bytes += n * data_type_to_dtype(c.data_type).itemsize
+        extra = getattr(module, "extra_embedding_params", None)
+        if callable(extra):
+            n = int(extra())
+            params += n
+            num_bytes += 4 * n
+    return params, num_bytes

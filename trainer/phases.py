@@ -1,0 +1,346 @@
+"""The search and retrain phases: ``embdim search`` writes a size plan, ``embdim retrain`` trains
+the compact model it describes.
+
+search
+    The method's search module stands in for DLRM's EmbeddingBagCollection (its inner collection
+    is what DMP shards), its regulariser is added to the loss and its own optimizers step beside
+    the dense one. Methods with a closed-form plan (fixed, MDE) skip training. After training the
+    method exports a ``SizePlan`` through a ``SearchContext`` (shard-local reads, all-reduce,
+    validation passes); if the method can start the retrain from searched weights (MLET's exact
+    collapse, OptEmbed's rewind/inherit), those go beside the plan as ``plan_init.pt``.
+
+retrain
+    The plan becomes a ``MixedDimEmbeddingBagCollection`` (one table per field or id group, each
+    its own width, projected to the common width) and an ``IdRemapper`` that the data pipeline
+    applies on the host, so the sharded tables stay plain TorchRec. ``metrics.json`` gains the
+    full-width model's parameter count, and ``compact_embedding.pt`` (a plain state_dict of the
+    module, for ``embedding_methods.load_compact_embedding``) is written at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from embedding_methods import get_method
+from embedding_methods.amtl import AMTL
+from embedding_methods.base import EmbeddingMethod, FieldSpec
+from embedding_methods.fixed import FixedWidth
+from embedding_methods.mde import MDE
+from embedding_methods.mixed_dim import RETRAIN_WEIGHTS, build_retrain_module
+from embedding_methods.mlet import MLET
+from embedding_methods.optembed import OptEmbed
+from embedding_methods.plan import PlanError, SizePlan, load_plan, resolve_init_checkpoint, save_plan
+from embedding_methods.pme import PME
+from embedding_methods.remap import IdRemapper
+from sharding import state as sharded_state
+from trainer.config import Config, ConfigError, _check
+from trainer.data.manifest import Manifest, load_counts, load_manifest
+from trainer.distributed import DistEnv
+from trainer.io import atomic_path, atomic_write_json
+from trainer.loop import Trainer
+
+logger = logging.getLogger(__name__)
+
+INIT_FILE = "plan_init.pt"
+
+
+@dataclass
+class SearchConfig:
+    budget: float = 1.0
+    """Target fraction of the full-width embedding parameters, in (0, 1]; 1 = no budget."""
+    init_from: str = ""
+    """Checkpoint folder (RUN_DIR/ckpt/step_N or RUN_DIR) of a trained baseline to warm-start the
+    search from (methods that support it, e.g. AMTL); empty = train from scratch."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.budget <= 1.0, "search.budget", f"must be in (0, 1], got {self.budget}")
+
+
+@dataclass
+class RetrainConfig:
+    init: str = "plan"
+    """Start values of the compact tables: "plan" = the weights the search left beside the plan
+    (MLET's collapsed tables, OptEmbed's rewound/inherited rows) when there are any, else fresh;
+    "fresh" = always a fresh initialisation."""
+
+    def __post_init__(self) -> None:
+        _check(self.init in ("plan", "fresh"), "retrain.init", f"unknown {self.init!r}; choose from ['plan', 'fresh']")
+
+
+@dataclass
+class RunConfig(Config):
+    """``Config`` plus the search/retrain sections and one section per method (typed by the method)."""
+
+    search: SearchConfig = field(default_factory=SearchConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    fixed: FixedWidth.Config = field(default_factory=FixedWidth.Config)
+    mde: MDE.Config = field(default_factory=MDE.Config)
+    mlet: MLET.Config = field(default_factory=MLET.Config)
+    optembed: OptEmbed.Config = field(default_factory=OptEmbed.Config)
+    amtl: AMTL.Config = field(default_factory=AMTL.Config)
+    pme: PME.Config = field(default_factory=PME.Config)
+
+
+def field_specs(manifest: Manifest) -> list[FieldSpec]:
+    return [FieldSpec(name=f.name, num_embeddings=f.num_embeddings, multi_hot=f.multi_hot) for f in manifest.sparse]
+
+
+def build_method(config: RunConfig, method_name: str, manifest: Manifest) -> EmbeddingMethod:
+    """The method named on the command line, configured by its TOML section."""
+    method_cls = get_method(method_name)
+    method_config = getattr(config, method_cls.name)
+    unset = hasattr(method_config, "budget") and not 0.0 < getattr(method_config, "budget") < 1.0
+    if unset and config.search.budget < 1.0:
+        # Methods whose search model depends on the budget (MLET's retrain width) read it from
+        # their own section; --budget fills it when the section leaves it unset.
+        method_config = dataclasses.replace(method_config, budget=config.search.budget)
+    return method_cls(method_config, field_specs(manifest), config.model.embedding_dim)
+
+
+class TrainerSearchContext:
+    """``embedding_methods.base.SearchContext`` over a sharded ``Trainer``."""
+
+    def __init__(self, trainer: Trainer | None, manifest: Manifest, dataset_dir: Path, budget: float,
+                 embedding_dim: int) -> None:
+        self.trainer = trainer
+        self.budget = budget
+        self.embedding_dim = embedding_dim
+        self.fields = field_specs(manifest)
+        self.dataset_dir = dataset_dir
+
+    def _model(self) -> nn.Module:
+        if self.trainer is None:
+            raise RuntimeError("this method's plan is closed-form; it has no sharded model to read")
+        return self.trainer.model
+
+    def local_rows(self, table_name: str) -> Iterator[tuple[int, torch.Tensor]]:
+        model = self._model()
+        # A replicated (data-parallel) table is whole on every rank: yield it from rank 0 only so
+        # that each element comes from exactly one rank (callers sum over ranks).
+        if sharded_state.is_replicated(model, table_name) and self.trainer.env.rank != 0:
+            return
+        for row, col, block in sharded_state.local_shards(model, table_name):
+            if col != 0 or block.shape[1] != sharded_state.table_shape(model, table_name)[1]:
+                raise ValueError(f"table {table_name!r} is column-wise sharded; per-row search state needs whole "
+                                 f"rows on one rank: set sharding.sharding_type to table_wise or row_wise")
+            rows = min(block.shape[0], sharded_state.table_shape(model, table_name)[0] - row)
+            yield row, block[:rows]
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return sharded_state.all_reduce_sum(tensor)
+
+    def gather_table_rows(self, table_name: str) -> torch.Tensor:
+        return sharded_state.gather_table(self._model(), table_name)
+
+    def evaluate(self, score_fn: Callable[[Any], None]) -> None:
+        if self.trainer is None:
+            raise RuntimeError("this method's plan is closed-form; it has no model to evaluate")
+        self.trainer.evaluate_with(score_fn)
+
+    def counts(self, field_name: str) -> np.ndarray:
+        return load_counts(self.dataset_dir, field_name)
+
+
+def unsharded_search_module(trainer: Trainer, method: EmbeddingMethod) -> nn.Module:
+    """A CPU copy of the trained search module with every table gathered (collective).
+
+    Methods turn it into retrain start values (MLET's collapse, OptEmbed's kept rows). Gathering
+    holds whole tables on every rank: fine up to a few GiB of tables; larger runs should collapse
+    shard by shard (``embedding_methods.mlet.collapse_shard``) instead.
+    """
+    tables = method.search_tables()
+    clone = method.build_search_module(EmbeddingBagCollection(tables=tables, device=torch.device("cpu")))
+    live = dict(trainer.sparse_module.named_parameters())
+    with torch.no_grad():
+        for config in tables:
+            full = sharded_state.gather_table(trainer.model, config.name).cpu()
+            target = dict(clone.named_parameters()).get(f"ebc.embedding_bags.{config.name}.weight")
+            if target is None:  # the method's search module is the collection itself
+                target = dict(clone.named_parameters())[f"embedding_bags.{config.name}.weight"]
+            target.copy_(full)
+        for name, param in clone.named_parameters():
+            if "embedding_bags." in name:
+                continue
+            if name not in live:
+                raise RuntimeError(f"search module parameter {name!r} not found in the sharded model")
+            param.copy_(live[name].detach().cpu())
+    return clone
+
+
+def _barrier(env: DistEnv) -> None:
+    if env.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+def run_search(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, method_name: str,
+               env: DistEnv) -> dict[str, Any]:
+    """Runs a method's search phase and writes ``RUN_DIR/plan.json`` (plus ``metrics.json`` when
+    the method trains a search model). Collective. Returns a summary dict."""
+    dataset_dir, run_dir = Path(dataset_dir), Path(run_dir)
+    manifest = load_manifest(dataset_dir)
+    method = build_method(config, method_name, manifest)
+    budget = config.search.budget
+    plan_path = run_dir / "plan.json"
+    metrics: dict[str, Any] = {}
+    if not getattr(method, "requires_search_training", True):
+        context = TrainerSearchContext(None, manifest, dataset_dir, budget, config.model.embedding_dim)
+        plan = method.export_plan(None, context)
+        init_state = None
+    else:
+        if config.search.init_from and not hasattr(method, "warm_start"):
+            raise ConfigError(f"search.init_from: method {method.name!r} has no warm start")
+        search_tables = method.search_tables()
+        trainer = Trainer(
+            config, dataset_dir, run_dir, env=env,
+            sparse_module_factory=lambda _tables: method.build_search_module(
+                EmbeddingBagCollection(tables=search_tables, device=torch.device("meta"))),
+            aux_loss_fn=method.search_loss,
+            extra_optimizers=method.extra_optimizers,
+            excluded_dense_params=method.extra_parameters,
+            phase="search",
+        )
+        if config.search.init_from and trainer.resume() is None:
+            method.warm_start(trainer, Path(config.search.init_from))
+        initial = None
+        if method.wants_retrain_init() and getattr(method, "needs_initial_checkpoint", False):
+            # Step-0 weights for a lottery-ticket rewind. A resumed search has lost them; its
+            # retrain then starts from the searched weights instead (logged).
+            if trainer.resume() is None:
+                initial = unsharded_search_module(trainer, method)
+            else:
+                logger.warning("resumed search: the step-0 weights for optembed's rewind are gone; inheriting")
+        metrics = trainer.fit()
+        if hasattr(method, "bind_model"):
+            method.bind_model(trainer.model)
+        context = TrainerSearchContext(trainer, manifest, dataset_dir, budget, config.model.embedding_dim)
+        plan = method.export_plan(trainer.sparse_module, context)
+        init_state = None
+        if method.wants_retrain_init():
+            final = unsharded_search_module(trainer, method)
+            init_state = method.retrain_init_state(final, initial, plan)
+    if init_state is not None:
+        plan = dataclasses.replace(plan, init_checkpoint=INIT_FILE)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if init_state is not None:
+            with atomic_path(run_dir / INIT_FILE) as tmp:
+                torch.save({k: v.detach().cpu() for k, v in init_state.items()}, tmp)
+        save_plan(plan, plan_path)
+        summary = {"plan": str(plan_path), "method": plan.method, "budget": budget,
+                   "embedding_params": plan.num_params(), "full_embedding_params": plan.full_params(),
+                   "achieved_fraction": plan.achieved_fraction()}
+        if metrics:
+            metrics.update({f"plan_{k}": v for k, v in summary.items() if k != "plan"})
+            atomic_write_json(run_dir / "metrics.json", metrics)
+        logger.info("search done: %s params %d of %d (%.4f of full width, budget %s) -> %s", plan.method,
+                    plan.num_params(), plan.full_params(), plan.achieved_fraction(), budget, plan_path)
+    _barrier(env)
+    return {"plan": str(plan_path), "achieved_fraction": plan.achieved_fraction(), **metrics}
+
+
+def _check_plan_matches(plan: SizePlan, manifest: Manifest, plan_path: Path, dataset_dir: Path) -> None:
+    names = [f.name for f in plan.fields]
+    if names != manifest.sparse_names:
+        raise PlanError(f"{plan_path}: fields {names} do not match {dataset_dir}/dataset.json fields "
+                        f"{manifest.sparse_names}")
+    for f in plan.fields:
+        expected = manifest.field(f.name).num_embeddings
+        if f.num_embeddings != expected:
+            raise PlanError(f"{plan_path}: field {f.name!r} has num_embeddings {f.num_embeddings}, the dataset "
+                            f"has {expected}")
+
+
+def _copy_block(row: int, col: int, block: torch.Tensor, full: torch.Tensor) -> None:
+    # Row-wise sharding pads the last shard past num_embeddings; padding rows keep their values.
+    num_rows = max(0, min(block.shape[0], full.shape[0] - row))
+    block[:num_rows] = full[row:row + num_rows, col:col + block.shape[1]].to(block)
+
+
+def _load_init_weights(trainer: Trainer, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Writes a retrain module state_dict into the sharded model: tables shard by shard, the
+    replicated projections directly (every rank holds the same file)."""
+    module = trainer.sparse_module
+    live = dict(module.named_parameters())
+    with torch.no_grad():
+        for key, value in state.items():
+            if key.startswith("ebc.embedding_bags.") and key.endswith(".weight"):
+                table = key[len("ebc.embedding_bags."):-len(".weight")]
+                rows, cols = sharded_state.table_shape(trainer.model, table)
+                if tuple(value.shape) != (rows, cols):
+                    raise PlanError(f"{source}: {key} has shape {tuple(value.shape)}, the plan's table is {(rows, cols)}")
+                sharded_state.write_rows(trainer.model, table, lambda r, c, block, v=value: _copy_block(r, c, block, v))
+            elif key in live:
+                if tuple(live[key].shape) != tuple(value.shape):
+                    raise PlanError(f"{source}: {key} has shape {tuple(value.shape)}, expected {tuple(live[key].shape)}")
+                live[key].copy_(value.to(live[key]))
+            else:
+                raise PlanError(f"{source}: unexpected key {key!r} for the plan's module")
+
+
+def run_retrain(config: RunConfig, dataset_dir: str | Path, plan_path: str | Path, out_dir: str | Path,
+                env: DistEnv) -> dict[str, Any]:
+    """Trains the compact model of a size plan; writes ``metrics.json`` and ``compact_embedding.pt``."""
+    dataset_dir, plan_path, out_dir = Path(dataset_dir), Path(plan_path), Path(out_dir)
+    if plan_path.is_dir():
+        plan_path = plan_path / "plan.json"
+    manifest = load_manifest(dataset_dir)
+    plan = load_plan(plan_path)
+    _check_plan_matches(plan, manifest, plan_path, dataset_dir)
+    if plan.embedding_dim != config.model.embedding_dim:
+        raise ConfigError(f"model.embedding_dim: {config.model.embedding_dim} differs from the plan's common width "
+                          f"{plan.embedding_dim} ({plan_path}); set --set model.embedding_dim={plan.embedding_dim}")
+    remapper = IdRemapper(plan, cache_dir=out_dir / "remap_cache")
+    trainer = Trainer(config, dataset_dir, out_dir, env=env,
+                      sparse_module_factory=lambda _tables: build_retrain_module(plan, device="meta"),
+                      feature_transform=remapper, phase="retrain")
+    init = resolve_init_checkpoint(plan, plan_path)
+    if config.retrain.init == "plan" and init is not None and trainer.resume() is None:
+        state = torch.load(init, map_location="cpu", weights_only=True)
+        _load_init_weights(trainer, state, init)
+        logger.info("retrain starts from %s", init)
+    metrics = trainer.fit()
+    compact = compact_state_dict(trainer)
+    full = plan.full_params()
+    metrics.update({
+        "method": plan.method, "budget": plan.budget, "plan": str(plan_path),
+        "full_embedding_params": full,
+        "embedding_fraction": metrics["embedding_params"] / full if full else None,
+        "compression_ratio": full / metrics["embedding_params"] if metrics["embedding_params"] else None,
+    })
+    if env.is_main:
+        with atomic_path(out_dir / RETRAIN_WEIGHTS.name) as tmp:
+            torch.save(compact, tmp)
+        atomic_write_json(out_dir / "metrics.json", metrics)
+    _barrier(env)
+    return metrics
+
+
+def compact_state_dict(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The retrained module's full state_dict on CPU: sharded tables gathered (collective)."""
+    module = trainer.sparse_module
+    state: dict[str, torch.Tensor] = {}
+    for config in module.inner_configs():
+        state[f"ebc.embedding_bags.{config.name}.weight"] = sharded_state.gather_table(trainer.model, config.name).cpu()
+    for name, param in module.named_parameters():
+        if not name.startswith("ebc."):
+            state[name] = param.detach().cpu().clone()
+    for name, buf in module.named_buffers():
+        if not name.startswith("ebc."):
+            state[name] = buf.detach().cpu().clone()
+    return state
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "metrics.json"
+    return json.loads(path.read_text())
