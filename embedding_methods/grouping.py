@@ -163,3 +163,33 @@ def compact_group_weights(full_weight: torch.Tensor, group: GroupPlan, embedding
     if width == embedding_dim:
         return table, None
     return table, torch.eye(width, embedding_dim, dtype=full_weight.dtype, device=full_weight.device)
+
+
+def retrain_init_state_from_tables(plan: SizePlan, full_weights: dict[str, torch.Tensor],
+                                   column_scores: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A ``state_dict`` of ``mixed_dim.build_retrain_module(plan)`` started from full search tables.
+
+    Every group's table and ``[I_w | 0]`` projection come from ``compact_group_weights``.
+
+    Args:
+        plan (SizePlan): the exported plan.
+        full_weights (dict[str, torch.Tensor]): ``{field: [num_embeddings, D]}`` search tables.
+        column_scores (dict[str, torch.Tensor] | None): ``{field: [num_embeddings, D]}`` per-entry
+            scores choosing each id's kept entries (PME's saliency); None keeps the first w columns.
+    """
+    from embedding_methods.mixed_dim import build_retrain_module, table_name_for_feature
+    from embedding_methods.plan import group_feature_name
+
+    module = build_retrain_module(plan, device="cpu")
+    slots = [c.name for c in module.inner_configs()]
+    with torch.no_grad():
+        for field_plan in plan.fields:
+            full = full_weights[field_plan.name].detach().cpu().float()
+            scores = None if column_scores is None else column_scores[field_plan.name].detach().cpu()
+            for k, group in enumerate(field_plan.groups):
+                name = table_name_for_feature(group_feature_name(field_plan.name, k, len(field_plan.groups)))
+                table, projection = compact_group_weights(full, group, plan.embedding_dim, column_scores=scores)
+                module.ebc.embedding_bags[name].weight.copy_(table)
+                if projection is not None:
+                    module.projection.slot_weight(slots.index(name)).copy_(projection)
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}

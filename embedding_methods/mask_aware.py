@@ -69,6 +69,9 @@ SIDE_WIDTH = 4
 NUM_SIDE_FEATURES = 3
 """Meaningful columns of a side row; the last column is padding to ``SIDE_WIDTH``."""
 
+ROW_LOCAL_SHARDING_TYPES = ("table_wise", "row_wise", "table_row_wise")
+"""Sharding types that keep each row of a table whole on one rank."""
+
 MaskFn = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
 """``mask_fn(field_name, rows [L, D], side [L, 4]) -> mask [L, D]``, multiplied into the rows."""
 
@@ -86,8 +89,8 @@ def acc_table_name(field_name: str) -> str:
     return f"acc_{field_name}"
 
 
-def side_table_rows(counts: np.ndarray, *, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Side features of the ids ``[start, stop)`` of a field from its train-split id counts.
+def side_features(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Side features of ids whose train counts are ``values``, in the field whose counts are ``counts``.
 
     Columns (float32):
 
@@ -99,33 +102,48 @@ def side_table_rows(counts: np.ndarray, *, start: int = 0, stop: int | None = No
        CTR ids, where ``count / max_count`` is ~0 for all but a handful of ids;
     3. 0 (padding to width 4).
 
+    Every column is a function of the count alone, so ids with equal counts get equal rows.
+
     Args:
-        counts (np.ndarray): ``[num_embeddings]`` int counts of the field (``counts/<field>.npy``).
-        start (int): first id of the slice.
-        stop (int | None): end of the slice (None = ``num_embeddings``).
+        values (np.ndarray): counts of the ids to describe.
+        counts (np.ndarray): ``[num_embeddings]`` counts of the whole field (``counts/<field>.npy``).
 
     Returns:
-        ``[stop - start, 4]`` float32 array.
+        ``[len(values), 4]`` float32 array.
     """
     counts = np.asarray(counts)
     if counts.ndim != 1 or counts.size == 0:
         raise ValueError(f"counts must be a non-empty 1-D array, got shape {counts.shape}")
     if np.any(counts < 0):
         raise ValueError("counts must be >= 0")
-    num = counts.size
+    values = np.asarray(values).astype(np.int64)
+    sorted_counts = np.sort(counts.astype(np.int64))
+    greater = counts.size - np.searchsorted(sorted_counts, values, side="right")
+    log_count = np.log1p(values.astype(np.float64))
+    log_max = np.log1p(float(sorted_counts[-1]))
+    rows = np.zeros((values.size, SIDE_WIDTH), dtype=np.float32)
+    rows[:, 0] = log_count
+    rows[:, 1] = greater / counts.size
+    rows[:, 2] = log_count / log_max if log_max > 0 else 0.0
+    return rows
+
+
+def side_table_rows(counts: np.ndarray, *, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows ``[start, stop)`` of a field's side table (see ``side_features`` for the columns).
+
+    Args:
+        counts (np.ndarray): ``[num_embeddings]`` train-split id counts of the field.
+        start (int): first id of the slice.
+        stop (int | None): end of the slice (None = ``num_embeddings``).
+
+    Returns:
+        ``[stop - start, 4]`` float32 array.
+    """
+    num = len(counts)
     stop = num if stop is None else stop
     if not 0 <= start <= stop <= num:
         raise ValueError(f"rows [{start}, {stop}) out of range [0, {num})")
-    part = counts[start:stop].astype(np.int64)
-    sorted_counts = np.sort(counts.astype(np.int64))
-    greater = num - np.searchsorted(sorted_counts, part, side="right")
-    log_count = np.log1p(part.astype(np.float64))
-    log_max = np.log1p(float(sorted_counts[-1]))
-    rows = np.zeros((stop - start, SIDE_WIDTH), dtype=np.float32)
-    rows[:, 0] = log_count
-    rows[:, 1] = greater / num
-    rows[:, 2] = log_count / log_max if log_max > 0 else 0.0
-    return rows
+    return side_features(np.asarray(counts[start:stop]), counts)
 
 
 class SaliencyTap(torch.autograd.Function):
@@ -173,13 +191,6 @@ def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return out.index_add(0, bag, values)
 
 
-def _device_of(module: nn.Module | None, default: torch.device) -> torch.device:
-    if module is None:
-        return default
-    p = next(iter(module.parameters()), None)
-    return default if p is None else p.device
-
-
 class MaskAwareEmbedding(nn.Module):
     """Stands in for an ``EmbeddingBagCollection`` (uniform width D) with per-id masks before pooling.
 
@@ -198,8 +209,8 @@ class MaskAwareEmbedding(nn.Module):
         pooled_single_hot (bool): single-hot fields use the pooled ``ebc`` (see module docstring).
         ebc (EmbeddingBagCollection | None): the pooled collection of the single-hot fields, as the
             trainer builds it from ``search_tables()``; None (or an empty one) builds it here.
-        device (torch.device | None): where to create the tables (``meta`` for DMP); default: the
-            device of ``ebc``'s parameters, else CPU.
+        device (torch.device | None): where to create the tables (``meta`` for DMP); default:
+            ``ebc.device``, else CPU.
     """
 
     def __init__(self, fields: list[FieldSpec], embedding_dim: int, *, mask_fn: MaskFn | None = None,
@@ -224,7 +235,8 @@ class MaskAwareEmbedding(nn.Module):
         self.saliency_start = saliency_start
         self.saliency_stop = saliency_start + saliency_steps
         self.freeze_tables_from = freeze_tables_from
-        device = device if device is not None else _device_of(ebc, torch.device("cpu"))
+        # An empty EBC has no parameter to tell its device by; its ``device`` property still does.
+        device = device if device is not None else (ebc.device if ebc is not None else torch.device("cpu"))
         by_name = {f.name: f for f in fields}
 
         self.ebc: EmbeddingBagCollection | None = None
@@ -257,15 +269,22 @@ class MaskAwareEmbedding(nn.Module):
             apply_optimizer_in_backward(torch.optim.SGD, self.side.parameters(), {"lr": 0.0})
         if self.acc is not None:
             apply_optimizer_in_backward(torch.optim.SGD, self.acc.parameters(), {"lr": 1.0})
-        self.mask_fn = mask_fn
+        # A module mask is a registered child (its parameters are dense and DDP-replicated); a plain
+        # callable is kept outside the module tree. Either way it is reached as ``mask_fn``.
         if isinstance(mask_fn, nn.Module):
             self.mask_net = mask_fn
+        else:
+            self._mask_callable = mask_fn
         # Buffers: DMP turns meta buffers into zeros on its device, which is the right start.
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64, device=device))
         """Training forwards seen so far (schedules the saliency window without host syncs)."""
         self.register_buffer("side_filled", torch.zeros((), dtype=torch.int64, device=device))
         """1 once ``fill_side_tables`` ran (checked once, on the first forward)."""
         self._side_checked = False
+
+    @property
+    def mask_fn(self) -> MaskFn | None:
+        return self.mask_net if "mask_net" in self._modules else self._mask_callable
 
     # ----------------------------------------------------------------------------------------
     # EmbeddingBagCollection surface
@@ -325,6 +344,33 @@ class MaskAwareEmbedding(nn.Module):
 
     def main_table_names(self) -> list[str]:
         return [main_table_name(n) for n in self.feature_names]
+
+    def table_names(self) -> list[str]:
+        """Every table of the module (main, side, accumulator): what a gather of the whole search
+        state (e.g. an unsharded copy for the retrain's start values) must cover."""
+        names = self.main_table_names()
+        if self.side is not None:
+            names += [side_table_name(n) for n in self.feature_names]
+        if self.acc is not None:
+            names += [acc_table_name(n) for n in self.feature_names]
+        return names
+
+    def sharding_constraints(self) -> dict[str, list[str]]:
+        """Allowed sharding types of every table, for the planner's ``ParameterConstraints``.
+
+        Whole rows on one rank (no column-wise split): a side row is one TBE-width unit, and the
+        exports read per-row state shard-locally. Never ``data_parallel``: a replicated accumulator
+        would have its gradients all-reduced by DDP and stepped by the trainer's sparse optimizer
+        instead of its own SGD with lr 1.
+        """
+        return {name: list(ROW_LOCAL_SHARDING_TYPES) for name in self.table_names()}
+
+    def full_table(self, table_name: str) -> torch.Tensor:
+        """The whole weight of a table of an *unsharded* module (e.g. the trainer's CPU copy)."""
+        key, value = _table_weight(self, table_name)
+        if hasattr(value, "local_shards"):
+            raise ValueError(f"{key} is sharded; gather it through the SearchContext instead")
+        return _plain(value).detach()
 
     def fill_side_tables(self, context: Any, counts_fn: Callable[[str], np.ndarray]) -> None:
         """Writes ``side_table_rows(counts)`` into this rank's shards of every side table."""
@@ -395,8 +441,11 @@ def iter_local_rows(module: nn.Module, table_name: str, *, owns_replicated: bool
     """
     _, value = _table_weight(module, table_name)
     if hasattr(value, "local_shards"):
+        num_rows = int(value.size()[0])
         for shard in value.local_shards():
-            yield int(shard.metadata.shard_offsets[0]), shard.tensor
+            first = int(shard.metadata.shard_offsets[0])
+            # Row-wise sharding may pad the last shard past the table's end; yield real rows only.
+            yield first, shard.tensor[:max(0, min(shard.tensor.shape[0], num_rows - first))]
     elif owns_replicated:
         yield 0, _plain(value)
 

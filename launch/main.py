@@ -5,7 +5,9 @@ Subcommands::
     embdim data {synth,criteo,avazu,csv} ...      build a dataset folder
     embdim train --data DIR --out RUN_DIR [--config FILE.toml] [--set section.key=value ...]
     embdim launch --nproc-per-node N [torchrun flags] -- SUBCOMMAND ARGS...
-    embdim demo --out DIR [--rows N]              synthetic data + 2-rank CPU training, prints AUC
+    embdim search / retrain ...                   learn embedding sizes, train the compact model
+    embdim plan show PLAN                         summarize a size plan
+    embdim demo --out DIR [--rows N]              synthetic data, search + retrain on 2 CPU ranks, prints AUC
 
 Rank-level subcommands (``train``) read their rank from torchrun's environment, so both
 ``embdim launch --nproc-per-node 2 -- train ...`` and ``torchrun --nproc_per_node 2 -m launch.main
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from launch import data_cli, phases_cli
+from launch import data_cli, phases_cli, plan_cli
 from launch.launcher import add_arguments as add_launch_arguments
 from launch.launcher import launch, run_torchrun, torchrun_argv
 from trainer.checkpoint import CheckpointError
@@ -108,31 +110,46 @@ def _demo(args: argparse.Namespace) -> int:
         from trainer.data.synth import generate_synthetic
 
         print(f"demo: generating {args.rows} synthetic Criteo-shaped rows into {data}")
-        generate_synthetic(data, num_rows=args.rows, seed=args.seed)
+        generate_synthetic(data, num_rows=args.rows, seed=args.seed, progress=False)
     if run.exists():  # a fresh run: the trainer would otherwise resume the previous one
         shutil.rmtree(run)
-    launch_args = argparse.Namespace(
-        nproc_per_node="2", nnodes=None, node_rank=None, rdzv_backend=None, rdzv_endpoint=None, rdzv_id=None,
-        max_restarts=None, master_addr=None, master_port=None, standalone=True,
-        command=["train", "--data", str(data), "--out", str(run), *[a for s in DEMO_SETTINGS for a in ("--set", s)]],
-    )
-    # Two CPU ranks (gloo) even on a GPU host: the demo's point is to run anywhere.
-    code = run_torchrun(torchrun_argv(launch_args), env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    if code != 0:
-        print(f"embdim: error: demo training failed with exit code {code}", file=sys.stderr)
-        return code
-    metrics = json.loads((run / "metrics.json").read_text())
-    print(f"demo: test AUC {metrics['test_auc']:.4f} (valid AUC {metrics['valid_auc']:.4f}, "
-          f"{metrics['steps']} steps on {metrics['world_size']} CPU ranks, "
-          f"{time.perf_counter() - start:.0f} s wall); metrics in {run / 'metrics.json'}")
+    settings = [a for s in DEMO_SETTINGS for a in ("--set", s)]
+    phases = [
+        ("search", ["search", "--data", str(data), "--method", args.method, "--budget", str(args.budget),
+                    "--out", str(run), *settings]),
+        ("retrain", ["retrain", "--data", str(data), "--plan", str(run / "plan.json"), "--out", str(run / "retrain"),
+                     *settings]),
+    ]
+    for name, command in phases:
+        print(f"demo: {name} ({args.method}, budget {args.budget}) on 2 CPU ranks")
+        launch_args = argparse.Namespace(
+            nproc_per_node="2", nnodes=None, node_rank=None, rdzv_backend=None, rdzv_endpoint=None, rdzv_id=None,
+            max_restarts=None, master_addr=None, master_port=None, standalone=True, command=command,
+        )
+        # Two CPU ranks (gloo) even on a GPU host: the demo's point is to run anywhere.
+        code = run_torchrun(torchrun_argv(launch_args), env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        if code != 0:
+            print(f"embdim: error: demo {name} failed with exit code {code}", file=sys.stderr)
+            return code
+    searched = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else None
+    metrics = json.loads((run / "retrain" / "metrics.json").read_text())
+    if searched is not None:
+        print(f"demo: full-width search model: test AUC {searched['test_auc']:.4f}")
+    print(f"demo: compact model: test AUC {metrics['test_auc']:.4f} (valid AUC {metrics['valid_auc']:.4f}) with "
+          f"{metrics['embedding_params']:,} of {metrics['full_embedding_params']:,} embedding parameters "
+          f"({metrics['compression_ratio']:.1f}x smaller), {time.perf_counter() - start:.0f} s wall; "
+          f"plan {run / 'plan.json'}, metrics {run / 'retrain' / 'metrics.json'}")
     return 0
 
 
 def register_demo(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="generate synthetic data, train on 2 CPU ranks, print the test AUC")
+    p = subparsers.add_parser("demo", help="synthetic data, size search and compact retrain on 2 CPU ranks; prints AUC")
     p.add_argument("--out", required=True, help="demo folder (data/ and run/ go inside)")
     p.add_argument("--rows", type=int, default=DEMO_ROWS, help="synthetic rows (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    p.add_argument("--method", default="optembed", help="size method (default %(default)s)")
+    p.add_argument("--budget", type=float, default=0.25,
+                   help="fraction of the full-width embedding parameters (default %(default)s)")
     p.set_defaults(func=_demo)
 
 
@@ -141,6 +158,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     data_cli.register,
     register_train,
     phases_cli.register,
+    plan_cli.register,
     register_launch,
     register_demo,
 ]

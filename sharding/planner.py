@@ -99,12 +99,25 @@ def build_constraints(model: nn.Module, config: ShardingConfig, device_type: str
         sharding_types = [t.value for t in ShardingType if t.value in _MODEL_PARALLEL_TYPES]
     else:
         sharding_types = [config.sharding_type]
+    # A module may restrict its own tables (a mask-aware search module needs whole rows on one
+    # rank and never replicates its accumulators): it exposes ``sharding_constraints()`` as
+    # ``{table_name: allowed sharding types}``, intersected with the configured ones.
+    restricted: dict[str, list[str]] = {}
+    for module in model.modules():
+        if callable(getattr(module, "sharding_constraints", None)):
+            restricted.update(module.sharding_constraints())
     constraints = {}
     for _, module in embedding_modules(model):
         for name in _table_names(module):
             if name in constraints:
                 raise ValueError(f"embedding table name {name!r} is used twice in the model; table names must be unique")
-            constraints[name] = ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels)
+            types = sharding_types
+            if name in restricted:
+                types = [t for t in sharding_types if t in restricted[name]]
+                if not types:
+                    raise ConfigError(f"sharding.sharding_type: table {name!r} can only be sharded as "
+                                      f"{restricted[name]}, not {sharding_types}")
+            constraints[name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels)
     return constraints
 
 

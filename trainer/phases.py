@@ -161,16 +161,22 @@ def unsharded_search_module(trainer: Trainer, method: EmbeddingMethod) -> nn.Mod
     """
     tables = method.search_tables()
     clone = method.build_search_module(EmbeddingBagCollection(tables=tables, device=torch.device("cpu")))
+    clone_params = dict(clone.named_parameters())
     live = dict(trainer.sparse_module.named_parameters())
+    gathered: set[str] = set()
     with torch.no_grad():
-        for config in tables:
-            full = sharded_state.gather_table(trainer.model, config.name).cpu()
-            target = dict(clone.named_parameters()).get(f"ebc.embedding_bags.{config.name}.weight")
-            if target is None:  # the method's search module is the collection itself
-                target = dict(clone.named_parameters())[f"embedding_bags.{config.name}.weight"]
-            target.copy_(full)
-        for name, param in clone.named_parameters():
-            if "embedding_bags." in name:
+        # Every sharded table of the search module (EBC tables, and a mask-aware module's
+        # unpooled, side and accumulator tables) is gathered whole; the rest is replicated.
+        for table in sharded_state.table_keys(trainer.model):
+            names = [n for n in clone_params
+                     if n.endswith((f"embedding_bags.{table}.weight", f"embeddings.{table}.weight"))
+                     and n.split(".")[-2] == table]
+            if len(names) != 1:
+                continue  # a table of the DLRM outside the search module
+            clone_params[names[0]].copy_(sharded_state.gather_table(trainer.model, table).cpu())
+            gathered.add(names[0])
+        for name, param in clone_params.items():
+            if name in gathered:
                 continue
             if name not in live:
                 raise RuntimeError(f"search module parameter {name!r} not found in the sharded model")
@@ -210,25 +216,34 @@ def run_search(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, 
             excluded_dense_params=method.extra_parameters,
             phase="search",
         )
-        if config.search.init_from and trainer.resume() is None:
+        resumed = trainer.resume() is not None
+        if config.search.init_from and not resumed:
             method.warm_start(trainer, Path(config.search.init_from))
+        context = TrainerSearchContext(trainer, manifest, dataset_dir, budget, config.model.embedding_dim)
+        if hasattr(method, "init_search_state"):
+            # Per-id side tables (frequency features) and zeroed accumulators, written shard by
+            # shard into the live sharded tables.
+            method.init_search_state(trainer.sparse_module, context)
+        required = getattr(method, "required_search_steps", 0)
+        if required and config.train.max_steps and config.train.max_steps < required:
+            raise ConfigError(f"train.max_steps: {method.name} needs at least {required} search steps "
+                              f"(warmup + saliency batches), got {config.train.max_steps}")
         initial = None
         if method.wants_retrain_init() and getattr(method, "needs_initial_checkpoint", False):
             # Step-0 weights for a lottery-ticket rewind. A resumed search has lost them; its
             # retrain then starts from the searched weights instead (logged).
-            if trainer.resume() is None:
+            if not resumed:
                 initial = unsharded_search_module(trainer, method)
             else:
                 logger.warning("resumed search: the step-0 weights for optembed's rewind are gone; inheriting")
         metrics = trainer.fit()
         if hasattr(method, "bind_model"):
             method.bind_model(trainer.model)
-        context = TrainerSearchContext(trainer, manifest, dataset_dir, budget, config.model.embedding_dim)
         plan = method.export_plan(trainer.sparse_module, context)
         init_state = None
         if method.wants_retrain_init():
             final = unsharded_search_module(trainer, method)
-            init_state = method.retrain_init_state(final, initial, plan)
+            init_state = method.retrain_init_state(final, initial if initial is not None else final, plan)
     if init_state is not None:
         plan = dataclasses.replace(plan, init_checkpoint=INIT_FILE)
     if env.is_main:

@@ -1,0 +1,473 @@
+"""AMTL: per-id embedding widths from twin mask networks fed with frequency features.
+
+Yan et al., "Learning Effective and Efficient Embedding via an Adaptively-Masked Twins-based Layer",
+CIKM 2021 (arXiv 2108.11513). No public code; ``shared/docs/methods.md`` section 3 collects what the
+abstract and secondary sources establish and marks the rest as design. This file follows it:
+
+- Input per id: frequency features ``s_i`` from the train-split counts (``mask_aware.side_features``:
+  log1p(count), count-rank fraction, normalised frequency), stored in a frozen per-id side table
+  that is sharded like any table (design-notes.md, "Per-id side data").
+- Twins, per field and not shared: ``h_i = alpha_i * MLP_h(s_i) + (1 - alpha_i) * MLP_l(s_i)`` with
+  ``alpha_i = log1p(cnt_i) / log1p(max cnt of the field)`` (the paper's "normalized frequency"; the
+  log form is our choice: with raw ``cnt / max_cnt`` nearly every id of a heavy-tailed field would
+  train l-AML alone). Frequent ids mostly train h-AML, rare ones l-AML; ids never seen in training
+  (count 0, alpha 0) use l-AML like any rare id.
+- Choice over K = D/4 widths {4, 8, ..., D} instead of the paper's D positions (FBGEMM TBE widths
+  must be multiples of 4, torchrec.md section 0.2): ``p_i = softmax(h_i / T)``, straight-through
+  one-hot ``t_i`` (hard forward, soft backward), mask ``m_ij = sum_{k: width_k > j} t_ik`` (the
+  cumulative sum from the right, expanded to dims), applied to each looked-up row before pooling
+  (``mask_aware.MaskAwareEmbedding``).
+- Loss: task loss + ``lambda * F`` + ``budget_weight * relu(F - budget)``, where ``F`` is the
+  expected parameter fraction ``sum_i E_p[width_i] / (N * D)`` over *every row of every table*.
+  The paper trains on the task loss alone (methods.md marks the width penalty as design). Because
+  an id's mask depends only on its count, F is computed exactly from the distinct counts of each
+  field weighted by their multiplicities, not estimated from a batch (a batch over-represents
+  frequent ids, whose rows are a small share of the parameters).
+- The mask networks start with a zero output layer whose bias favours ``initial_width`` (full width
+  by default), so a warm-started model (``amtl_from_baseline``) is unchanged at step 0; the paper
+  stresses that AMTL can be added to a trained model.
+
+Export: ``k_i`` = the argmax width of every id, computed on the rank that holds the id's side row,
+then grouped by width (``embedding_methods.grouping``). AMTL never prunes an id (its narrowest
+width is 4). The budget is a soft training penalty: the exported plan's fraction is reported, not
+forced (unlike PME's exact threshold).
+
+Warm start (``warm_start``, ``--init-from``): a trained baseline's full-width tables are loaded
+into the search tables straight from its DCP checkpoint (``amtl_warm_start_keys`` maps the keys).
+Retrain start (``retrain_init``): "fresh", or "inherit" (each id's first w searched dims with a
+``[I_w | 0]`` projection: the retrain model starts as the masked search model).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext
+from embedding_methods.grouping import allowed_widths, retrain_init_state_from_tables, size_plan_from_widths
+from embedding_methods.mask_aware import (NUM_SIDE_FEATURES, MaskAwareEmbedding, copy_into_table, main_table_name,
+                                          side_features, side_table_name)
+from embedding_methods.plan import SizePlan
+
+logger = logging.getLogger(__name__)
+
+INITIAL_LOGIT = 2.0
+"""Bias of the initial width's logit (others 0): p = e^2 / (e^2 + K - 1), 0.71 for K = 4 at T = 1."""
+RETRAIN_INITS = ("fresh", "inherit")
+
+
+def straight_through_one_hot(probs: torch.Tensor) -> torch.Tensor:
+    """``onehot(argmax p)`` in the forward pass, gradient of ``p`` in the backward pass.
+
+    Written as ``onehot + (p - stopgrad(p))``, the paper's ``p + stopgrad(onehot - p)`` rearranged
+    so that the forward value is exactly 0/1 in floating point.
+    """
+    hard = F.one_hot(probs.argmax(dim=-1), probs.shape[-1]).to(probs.dtype)
+    return hard + (probs - probs.detach())
+
+
+def cumulative_width_mask(choice: torch.Tensor, width_step: int = 4) -> torch.Tensor:
+    """Mask over D = K * width_step dims from a (one-hot) choice over widths ``[L, K]``.
+
+    ``m[:, j] = sum_{k >= j // width_step} choice[:, k]``: dim j is kept when the chosen width
+    ``width_step * (k + 1)`` exceeds j. Hard 0/1 when ``choice`` is one-hot; soft gradients flow to
+    every choice at or beyond the dim's block.
+    """
+    per_block = choice.flip(-1).cumsum(-1).flip(-1)
+    return per_block.repeat_interleave(width_step, dim=-1)
+
+
+class _ChoiceHead(nn.Linear):
+    """Output layer of a mask MLP: zero weight, bias ``INITIAL_LOGIT`` on the initial choice.
+
+    Its own ``reset_parameters`` (which DMP calls when it materialises meta parameters) re-applies
+    this init.
+    """
+
+    def __init__(self, in_features: int, num_choices: int, initial_choice: int, device: torch.device | None) -> None:
+        self.initial_choice = initial_choice
+        super().__init__(in_features, num_choices, device=device)
+
+    def reset_parameters(self) -> None:
+        if self.weight.is_meta:
+            return
+        with torch.no_grad():
+            self.weight.zero_()
+            self.bias.zero_()
+            self.bias[self.initial_choice] = INITIAL_LOGIT
+
+
+def _mlp(hidden_sizes: list[int], num_choices: int, initial_choice: int, device: torch.device | None) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = NUM_SIDE_FEATURES
+    for h in hidden_sizes:
+        layers += [nn.Linear(width, h, device=device), nn.ReLU()]
+        width = h
+    layers.append(_ChoiceHead(width, num_choices, initial_choice, device))
+    return nn.Sequential(*layers)
+
+
+class AMTLMaskNet(nn.Module):
+    """The twin mask networks of every field (the ``mask_fn`` of ``MaskAwareEmbedding``).
+
+    Args:
+        fields (list[FieldSpec]): the sparse fields (one h-AML / l-AML pair each).
+        embedding_dim (int): D; the choices are the widths ``4, 8, ..., D``.
+        hidden_sizes (list[int]): hidden widths of each MLP (ReLU).
+        temperature (float): softmax temperature T.
+        initial_width (int): width every id starts at (a multiple of 4 in ``[4, D]``).
+        device (torch.device | None): where to create the parameters (``meta`` for DMP).
+    """
+
+    def __init__(self, fields: list[FieldSpec], embedding_dim: int, *, hidden_sizes: list[int],
+                 temperature: float, initial_width: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.widths = allowed_widths(embedding_dim)
+        if initial_width not in self.widths:
+            raise ValueError(f"initial_width must be one of {self.widths.tolist()}, got {initial_width}")
+        self.embedding_dim = embedding_dim
+        self.temperature = temperature
+        self.field_index = {f.name: i for i, f in enumerate(fields)}
+        self.num_embeddings = [f.num_embeddings for f in fields]
+        choice = int(np.flatnonzero(self.widths == initial_width)[0])
+        # Keys by position: field names may hold characters a module name forbids.
+        self.h_aml = nn.ModuleList(_mlp(hidden_sizes, len(self.widths), choice, device) for _ in fields)
+        self.l_aml = nn.ModuleList(_mlp(hidden_sizes, len(self.widths), choice, device) for _ in fields)
+        # Distinct side rows of each field and how many ids have them (``set_count_profiles``);
+        # host arrays, moved to the parameters' device on first use (not buffers: DMP would
+        # materialise meta buffers as zeros, and they are recomputed from the counts anyway).
+        self._profiles: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(fields)
+        self._profiles_on: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def logits(self, field_name: str, side: torch.Tensor) -> torch.Tensor:
+        """``h = alpha * MLP_h(s) + (1 - alpha) * MLP_l(s)`` ``[L, K]`` from side rows ``[L, 4]``."""
+        i = self.field_index[field_name]
+        s = side[:, :NUM_SIDE_FEATURES]
+        alpha = side[:, 2:3]
+        return alpha * self.h_aml[i](s) + (1 - alpha) * self.l_aml[i](s)
+
+    def probs(self, field_name: str, side: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(field_name, side) / self.temperature, dim=-1)
+
+    def forward(self, field_name: str, rows: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        choice = straight_through_one_hot(self.probs(field_name, side.to(self._device())))
+        return cumulative_width_mask(choice).to(rows.dtype)
+
+    def choices(self, field_name: str, side: torch.Tensor) -> torch.Tensor:
+        """Index of the argmax width per row (the export rule; T does not change the argmax)."""
+        return self.logits(field_name, side).argmax(dim=-1)
+
+    def _device(self) -> torch.device:
+        return self.h_aml[0][-1].bias.device
+
+    def set_count_profiles(self, counts: Mapping[str, np.ndarray]) -> None:
+        """Stores the distinct counts of every field with their multiplicities (for the penalty)."""
+        for name, i in self.field_index.items():
+            values, multiplicity = np.unique(np.asarray(counts[name]), return_counts=True)
+            self._profiles[i] = (side_features(values, counts[name]), multiplicity.astype(np.float64))
+        self._profiles_on.clear()
+
+    def expected_param_fraction(self) -> torch.Tensor:
+        """``sum_i E_p[width_i] / (N * D)`` over every row of every table (differentiable)."""
+        if any(p is None for p in self._profiles):
+            raise RuntimeError("AMTL: count profiles are missing; call AMTL.init_search_state(module, context) "
+                               "after sharding")
+        device = self._device()
+        if device not in self._profiles_on:
+            self._profiles_on[device] = [(torch.from_numpy(rows).to(device), torch.from_numpy(mult).to(device))
+                                         for rows, mult in self._profiles]  # type: ignore[misc]
+        widths = torch.as_tensor(self.widths, dtype=torch.float32, device=device)
+        total = torch.zeros((), device=device)
+        for name, i in self.field_index.items():
+            rows, mult = self._profiles_on[device][i]
+            expected_width = self.probs(name, rows) @ widths  # [U]
+            total = total + (mult.to(expected_width.dtype) * expected_width).sum()
+        return total / (sum(self.num_embeddings) * self.embedding_dim)
+
+
+def _check(ok: bool, key: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"amtl.{key}: {message}, got {value!r}")
+
+
+class AMTL(EmbeddingMethod):
+    """AMTL (Yan et al., CIKM 2021): per-id widths from frequency-driven twin mask networks.
+
+    Args:
+        config (AMTL.Config): see the fields.
+        fields (list[FieldSpec]): the dataset's sparse fields.
+        embedding_dim (int): the full width D (a multiple of 4).
+    """
+
+    name = "amtl"
+
+    @dataclass(kw_only=True, slots=True)
+    class Config:
+        temperature: float = 1.0
+        """Softmax temperature T of ``p = softmax(h / T)`` (the paper: small T approaches argmax)."""
+        hidden_sizes: list[int] = field(default_factory=lambda: [16, 16])
+        """Hidden widths of each h-AML / l-AML MLP (ReLU); the paper gives none."""
+        penalty_weight: float = 0.1
+        """lambda of ``lambda * F``, F = expected fraction of the full-width parameters (0 = the
+        paper's plain task loss)."""
+        budget: float = 0.0
+        """Target fraction of the full-width parameters; ``budget_weight * relu(F - budget)`` is
+        added while F exceeds it. 0 = unset: the run's ``search.budget`` fills it (trainer.phases);
+        0 or 1 after that = no budget term."""
+        budget_weight: float = 10.0
+        """Weight of the budget hinge."""
+        mask_lr: float = 1e-3
+        """Adam learning rate of the mask networks (their own optimizer, see ``extra_optimizers``)."""
+        initial_width: int = 0
+        """Width every id starts at (0 = D, so a warm-started model is unchanged at step 0)."""
+        max_groups: int = 0
+        """At most this many width groups per field in the plan (0 = one per width used); extra
+        groups are merged up into the next wider one."""
+        pooled_single_hot: bool = True
+        """Look single-hot fields up with a pooled EBC (one vector per bag; exact for one id)."""
+        retrain_init: str = "fresh"
+        """Retrain start: "fresh", or "inherit" (each id's first w searched dims, projection [I_w | 0],
+        so the retrain model starts as the masked search model)."""
+
+        def __post_init__(self) -> None:
+            _check(self.temperature > 0 and math.isfinite(self.temperature), "temperature", "must be positive",
+                   self.temperature)
+            _check(len(self.hidden_sizes) > 0 and all(h > 0 for h in self.hidden_sizes), "hidden_sizes",
+                   "must be a non-empty list of positive widths", self.hidden_sizes)
+            _check(self.penalty_weight >= 0, "penalty_weight", "must be >= 0", self.penalty_weight)
+            _check(0 <= self.budget <= 1, "budget", "must be in [0, 1] (0 = the run's budget)", self.budget)
+            _check(self.budget_weight >= 0, "budget_weight", "must be >= 0", self.budget_weight)
+            _check(self.mask_lr > 0, "mask_lr", "must be positive", self.mask_lr)
+            _check(self.initial_width >= 0 and self.initial_width % 4 == 0, "initial_width",
+                   "must be 0 (= D) or a positive multiple of 4", self.initial_width)
+            _check(self.max_groups >= 0, "max_groups", "must be >= 0", self.max_groups)
+            _check(self.retrain_init in RETRAIN_INITS, "retrain_init", f"must be one of {list(RETRAIN_INITS)}",
+                   self.retrain_init)
+
+    def __init__(self, config: "AMTL.Config", fields: list[FieldSpec], embedding_dim: int) -> None:
+        if not isinstance(config, AMTL.Config):
+            raise ValueError(f"amtl: config must be AMTL.Config, got {type(config).__name__}")
+        if not fields:
+            raise ValueError("amtl: no sparse fields")
+        allowed_widths(embedding_dim)
+        _check(config.initial_width <= embedding_dim, "initial_width", f"must be at most D={embedding_dim}",
+               config.initial_width)
+        super().__init__(config, fields, embedding_dim)
+
+    # -- search ---------------------------------------------------------------------------------
+
+    def _pooled_fields(self) -> list[FieldSpec]:
+        return [f for f in self.fields if self.config.pooled_single_hot and not f.multi_hot]
+
+    def search_tables(self) -> list[EmbeddingBagConfig]:
+        """The pooled single-hot tables (may be empty); the unpooled, side tables are built inside."""
+        return [EmbeddingBagConfig(name=main_table_name(f.name), num_embeddings=f.num_embeddings,
+                                   embedding_dim=self.embedding_dim, feature_names=[f.name])
+                for f in self._pooled_fields()]
+
+    def build_search_module(self, ebc: EmbeddingBagCollection) -> MaskAwareEmbedding:
+        device = ebc.device if ebc is not None else None  # meta when the trainer builds it
+        cfg = self.config
+        mask_net = AMTLMaskNet(self.fields, self.embedding_dim, hidden_sizes=list(cfg.hidden_sizes),
+                               temperature=cfg.temperature, initial_width=cfg.initial_width or self.embedding_dim,
+                               device=device)
+        return MaskAwareEmbedding(self.fields, self.embedding_dim, mask_fn=mask_net, use_side=True,
+                                  pooled_single_hot=cfg.pooled_single_hot, ebc=ebc, device=device)
+
+    def init_search_state(self, module: nn.Module, context: SearchContext) -> None:
+        """Fills this rank's side-table shards from the counts and gives the mask nets the count
+        profiles of the penalty. Call on every rank after sharding (and again after a resume)."""
+        module = _search_module(module)
+        counts = {f.name: np.asarray(context.counts(f.name)) for f in self.fields}
+        module.fill_side_tables(context, counts.__getitem__)
+        _mask_net(module).set_count_profiles(counts)
+
+    def search_loss(self, module: nn.Module) -> torch.Tensor:
+        """``lambda * F + budget_weight * relu(F - budget)``; always in the graph, so every mask-net
+        parameter gets a gradient each step (DDP needs no ``find_unused_parameters``)."""
+        fraction = _mask_net(_search_module(module)).expected_param_fraction()
+        cfg = self.config
+        loss = cfg.penalty_weight * fraction
+        if 0 < cfg.budget < 1:
+            loss = loss + cfg.budget_weight * torch.relu(fraction - cfg.budget)
+        return loss
+
+    def extra_optimizers(self, module: nn.Module) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam(self.extra_parameters(module), lr=self.config.mask_lr)]
+
+    def extra_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        return list(_mask_net(_search_module(module)).parameters())
+
+    # -- export ---------------------------------------------------------------------------------
+
+    def searched_widths(self, module: nn.Module, context: SearchContext) -> list[np.ndarray]:
+        """Argmax width of every id of every field (identical on every rank; collective).
+
+        Each rank evaluates the mask nets on its own side-table rows; the choices are summed over
+        ranks into one int array per field. ``local_rows`` must yield every row on exactly one rank.
+        """
+        module = _search_module(module)
+        if int(module.side_filled) != 1:
+            raise RuntimeError("amtl: the side table was never filled (init_search_state)")
+        net = _mask_net(module)
+        device = net._device()
+        result = []
+        with torch.no_grad():
+            for f in self.fields:
+                code = torch.zeros(f.num_embeddings, dtype=torch.int64, device=device)
+                cover = torch.zeros(f.num_embeddings, dtype=torch.int64, device=device)
+                for first, rows in context.local_rows(side_table_name(f.name)):
+                    n = rows.shape[0]
+                    code[first:first + n] += net.choices(f.name, rows.to(device, torch.float32)) + 1
+                    cover[first:first + n] += 1
+                code, cover = context.all_reduce_sum(code), context.all_reduce_sum(cover)
+                if bool((cover != 1).any()):
+                    bad = int((cover != 1).nonzero()[0])
+                    raise RuntimeError(f"amtl: side table of {f.name!r}: row {bad} was yielded by "
+                                       f"{int(cover[bad])} ranks; local_rows must yield each row exactly once")
+                result.append(net.widths[(code - 1).cpu().numpy()])
+        return result
+
+    def export_plan(self, module: nn.Module, context: SearchContext) -> SizePlan:
+        """Per-id argmax widths grouped by width. Collective: every rank must call it."""
+        if context.embedding_dim != self.embedding_dim:
+            raise ValueError(f"amtl: context.embedding_dim={context.embedding_dim}, the method has {self.embedding_dim}")
+        widths = self.searched_widths(module, context)
+        with torch.no_grad():
+            expected = float(_mask_net(_search_module(module)).expected_param_fraction())
+        cfg = self.config
+        extra = {
+            "config": asdict(cfg),
+            "expected_param_fraction": expected,
+            "mean_width": {f.name: float(w.mean()) for f, w in zip(self.fields, widths)},
+            "retrain_init": cfg.retrain_init,
+        }
+        budget = cfg.budget if 0 < cfg.budget < 1 else context.budget
+        plan = size_plan_from_widths(self.name, self.embedding_dim, [f.name for f in self.fields], widths,
+                                     max_groups=cfg.max_groups, budget=budget if budget < 1 else None,
+                                     extra=extra)
+        logger.info("amtl: achieved fraction %.4f (expected %.4f)", plan.achieved_fraction(), expected)
+        return plan
+
+    def wants_retrain_init(self) -> bool:
+        return self.config.retrain_init == "inherit"
+
+    def retrain_init_state(self, searched: nn.Module, initial: nn.Module | None,
+                           plan: SizePlan) -> dict[str, torch.Tensor] | None:
+        """``retrain_init="inherit"``: each id keeps the first w dims of its searched row (the dims its
+        mask kept) and each group's projection starts as ``[I_w | 0]``, so the retrain model starts
+        as the masked search model. ``searched`` is an unsharded copy of the search module with every
+        table gathered (``MaskAwareEmbedding.table_names()``). None for "fresh"."""
+        if self.config.retrain_init == "fresh":
+            return None
+        module = _search_module(searched)
+        tables = {f.name: module.full_table(main_table_name(f.name)) for f in plan.fields}
+        return retrain_init_state_from_tables(plan, tables)
+
+    def warm_start(self, trainer: Any, path: Path) -> dict[str, str]:
+        """``embdim search --method amtl --init-from CHECKPOINT``: loads a trained baseline's
+        full-width tables into the (sharded) search tables; the mask nets keep their init (every id
+        at ``initial_width``, D by default, so the model starts as the baseline).
+
+        Reads the baseline's DCP checkpoint (``trainer.checkpoint`` layout; ``path`` is a
+        ``step_N`` folder or a run folder whose ``ckpt/latest`` names one) straight into this
+        model's sharded tables: DCP reshards, so the baseline may have used another plan or world
+        size. Collective. Returns ``{checkpoint key: search-model key}``.
+
+        Args:
+            trainer: the search ``Trainer`` (``model``: the DMP, ``sparse_module``: this method's
+                search module inside it).
+            path: the baseline checkpoint.
+        """
+        import torch.distributed.checkpoint as dcp  # the trainer's checkpoint format
+
+        path = Path(path)
+        if not (path / ".metadata").exists() and (path / "ckpt" / "latest").exists():
+            path = path / "ckpt" / (path / "ckpt" / "latest").read_text().strip()
+        if not (path / ".metadata").exists():
+            raise ValueError(f"search.init_from: {path} is not a checkpoint folder (no .metadata)")
+        saved = list(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        model_state = trainer.model.state_dict()
+        mapping = {}
+        for source, target in amtl_warm_start_keys(trainer.sparse_module).items():
+            targets = [k for k in model_state if k == target or k.endswith("." + target)]
+            sources = [k for k in saved if k.startswith("model.") and k.endswith("." + source)]
+            if len(targets) != 1 or len(sources) != 1:
+                raise ValueError(f"search.init_from: expected one baseline table ending in {source!r} in {path} "
+                                 f"(found {sources}) for the search table {target!r} (found {targets})")
+            mapping[sources[0]] = targets[0]
+        state = {src: model_state[dst] for src, dst in mapping.items()}
+        dcp.load(state, checkpoint_id=str(path))
+        # DCP loads ShardedTensor shards (live views of the TBE weights) in place; plain tensors
+        # it may replace, so copy those back.
+        with torch.no_grad():
+            for src, dst in mapping.items():
+                if state[src] is not model_state[dst] and not hasattr(model_state[dst], "local_shards"):
+                    model_state[dst].copy_(state[src])
+        logger.info("amtl: warm start from %s (%d tables)", path, len(mapping))
+        return mapping
+
+
+def _search_module(module: nn.Module) -> MaskAwareEmbedding:
+    if not isinstance(module, MaskAwareEmbedding):
+        raise ValueError(f"expected the MaskAwareEmbedding search module, got {type(module).__name__}")
+    return module
+
+
+def _mask_net(module: MaskAwareEmbedding) -> AMTLMaskNet:
+    if not isinstance(module.mask_fn, AMTLMaskNet):
+        raise ValueError(f"the search module's mask_fn is {type(module.mask_fn).__name__}, not AMTLMaskNet")
+    return module.mask_fn
+
+
+def amtl_warm_start_keys(module: nn.Module) -> dict[str, str]:
+    """``{baseline EBC key: search-module key}`` of every main table.
+
+    A baseline's plain EBC stores ``embedding_bags.t_<field>.weight``; the search module keeps the
+    same table as ``ec.embeddings.t_<field>.weight`` (unpooled fields) or
+    ``ebc.embedding_bags.t_<field>.weight`` (pooled single-hot fields). With this map the trainer can
+    also load a sharded (DCP) baseline checkpoint straight into the sharded search module.
+    """
+    module = _search_module(module)
+    keys = {}
+    for name in module.feature_names:
+        table = main_table_name(name)
+        source = f"embedding_bags.{table}.weight"
+        keys[source] = (f"ebc.embedding_bags.{table}.weight" if name in module.pooled_names
+                        else f"ec.embeddings.{table}.weight")
+    return keys
+
+
+def amtl_from_baseline(module: nn.Module, baseline_state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Warm start (the paper's "already-trained model" use): copies a baseline's full-width tables.
+
+    Args:
+        module: the ``MaskAwareEmbedding`` search module, sharded or not (each local shard takes its
+            slice of the baseline table, so this works after DMP).
+        baseline_state_dict: a state dict holding full (unsharded) ``[num_embeddings, D]`` tensors
+            under keys ending in ``embedding_bags.t_<field>.weight`` (any prefix, e.g. the DLRM's
+            ``model.sparse_arch.embedding_bag_collection.``).
+
+    Returns:
+        ``{baseline key: search-module key}`` of what was copied. Raises ``KeyError`` when a field's
+        table is missing or ambiguous in the baseline.
+    """
+    copied = {}
+    for source_suffix, target in amtl_warm_start_keys(module).items():
+        matches = [k for k in baseline_state_dict if k == source_suffix or k.endswith("." + source_suffix)]
+        if len(matches) != 1:
+            raise KeyError(f"baseline state dict: expected one key ending in {source_suffix!r}, found {matches}")
+        table = source_suffix.split(".")[1]
+        copy_into_table(module, table, torch.as_tensor(baseline_state_dict[matches[0]]).detach())
+        copied[matches[0]] = target
+    return copied

@@ -1,0 +1,133 @@
+"""End to end, per method: ``embdim search`` then ``embdim retrain`` on 2 gloo ranks through the
+real entry point, and the retrained module plugged into an unmodified torchrec DLRM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from embedding_methods import METHOD_NAMES, load_plan
+from launch.main import main
+from tests.tiny_data import FIELDS, write_tiny_dataset
+
+DIM = 16
+BUDGET = 0.6
+FULL_PARAMS = sum(n for _, n, _ in FIELDS) * DIM
+TINY = ["data.batch_size=64", "data.eval_batch_size=128", f"model.embedding_dim={DIM}",
+        f"model.dense_arch_layer_sizes=[16, {DIM}]", "model.over_arch_layer_sizes=[16, 1]",
+        "train.epochs=2", "train.log_every=16", "train.progress_bar=false", "optim.dense_lr=0.01",
+        "optim.sparse_lr=0.1",
+        # Small method settings so each search takes seconds.
+        "optembed.generations=3", "optembed.mutation_num=4", "optembed.crossover_num=4", "optembed.keep_num=4",
+        "pme.saliency_batches=4", "mde.md_threshold=0"]
+SETS = [a for s in TINY for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phases") / "data"
+    write_tiny_dataset(out, num_rows={"train": 4096, "valid": 512, "test": 512})
+    return out
+
+
+def _launch(*command: str) -> int:
+    return main(["launch", "--nproc-per-node", "2", "--", *command])
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory) -> dict[str, Path]:
+    """Search + retrain of every method (run once, shared by the assertions below)."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for method in METHOD_NAMES:
+        run = root / method
+        assert _launch("search", "--data", str(tiny), "--method", method, "--budget", str(BUDGET),
+                       "--out", str(run), *SETS) == 0, f"search {method} failed"
+        assert _launch("retrain", "--data", str(tiny), "--plan", str(run / "plan.json"),
+                       "--out", str(run / "retrain"), *SETS) == 0, f"retrain {method} failed"
+        out[method] = run
+    return out
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_search_then_retrain(runs, method):
+    run = runs[method]
+    plan = load_plan(run / "plan.json")
+    assert plan.method == method
+    assert plan.full_params() == FULL_PARAMS
+    # AMTL's budget is a training penalty (soft); the others meet it exactly or from below.
+    limit = BUDGET + (0.1 if method == "amtl" else 0.0) + (0.02 * BUDGET if method == "pme" else 0.0)
+    assert plan.achieved_fraction() <= limit + 1e-9, plan.achieved_fraction()
+    if method == "pme":
+        assert abs(plan.achieved_fraction() - BUDGET) <= 0.02 * BUDGET
+    metrics = json.loads((run / "retrain" / "metrics.json").read_text())
+    assert metrics["full_embedding_params"] == FULL_PARAMS
+    assert metrics["embedding_params"] == plan.num_params() < FULL_PARAMS
+    assert metrics["world_size"] == 2
+    # The tiny data's planted per-id effects are strong: a model that learned anything is well above 0.5.
+    assert metrics["test_auc"] > 0.6, metrics["test_auc"]
+    assert (run / "retrain" / "compact_embedding.pt").exists()
+    if method in ("fixed", "mde"):  # closed-form plans: no search training
+        assert not (run / "metrics.json").exists()
+    else:
+        search_metrics = json.loads((run / "metrics.json").read_text())
+        assert 0.0 <= search_metrics["test_auc"] <= 1.0
+    if method in ("mlet", "optembed"):  # retrain starts from the searched weights
+        assert (run / "plan_init.pt").exists() and plan.init_checkpoint == "plan_init.pt"
+
+
+def test_compact_module_trains_in_unmodified_dlrm(runs, tiny):
+    """The retrained module stands in for the EmbeddingBagCollection of torchrec's own DLRM."""
+    from torchrec.models.dlrm import DLRM
+
+    from embedding_methods import IdRemapper, load_compact_embedding
+    from trainer.data.reader import ParquetBatchReader
+
+    run = runs["optembed"]
+    module = load_compact_embedding(run)
+    saved = torch.load(run / "retrain" / "compact_embedding.pt", weights_only=True)
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(value, saved[key])
+    torch.manual_seed(0)
+    model = DLRM(embedding_bag_collection=module, dense_in_features=3, dense_arch_layer_sizes=[16, DIM],
+                 over_arch_layer_sizes=[16, 1])
+    reader = ParquetBatchReader(tiny, "train", batch_size=256, shuffle=True, seed=0,
+                                feature_transform=IdRemapper(load_plan(run)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for epoch in range(3):
+        reader.set_epoch(epoch)
+        for batch in reader:
+            logits = model(batch.dense_features, batch.sparse_features).squeeze(-1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8
+
+
+def test_retrain_rejects_plan_of_another_dataset(runs, tmp_path, capsys):
+    other = tmp_path / "other"
+    write_tiny_dataset(other, num_rows={"train": 512, "valid": 128, "test": 128})
+    import embedding_methods.plan as plan_mod
+
+    plan = load_plan(runs["fixed"] / "plan.json")
+    plan.fields[0].num_embeddings += 1  # a plan made for a different vocabulary
+    plan.fields[0].groups[0].ids = None
+    bad = tmp_path / "bad" / "plan.json"
+    plan_mod.save_plan(plan, bad)
+    code = main(["retrain", "--data", str(other), "--plan", str(bad), "--out", str(tmp_path / "r"), *SETS])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "plan.json" in err and FIELDS[0][0] in err and "num_embeddings" in err
+
+
+def test_unknown_method_names_the_choices(tiny, tmp_path, capsys):
+    code = main(["search", "--data", str(tiny), "--method", "autodim", "--out", str(tmp_path / "x")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "autodim" in err and "optembed" in err and "pme" in err
