@@ -121,6 +121,7 @@ def test_configs_validate() -> None:
 
 def test_registry() -> None:
     assert get_method("mde") is MDE and get_method("fixed") is FixedWidth
-    assert set(embedding_methods.METHODS) >= {"fixed", "mde", "mlet"}
-    with pytest.raises(ValueError, match=r"unknown method 'autodim'; choose from \['fixed', 'mde', 'mlet'"):
+    assert tuple(embedding_methods.METHODS) == embedding_methods.METHOD_NAMES
+    assert set(embedding_methods.METHOD_NAMES) == {"fixed", "mde", "mlet", "optembed", "amtl", "pme"}
+    with pytest.raises(ValueError, match=r"unknown method 'autodim'; choose from \['amtl', 'fixed', 'mde', 'mlet', 'optembed', 'pme'\]"):
         get_method("autodim")
