@@ -70,7 +70,10 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.distributed import abort, destroy, init_distributed
     from trainer.loop import Trainer
 
-    config = load_config(args.config, args.set)
+    from trainer.phases import RunConfig
+
+    # One TOML serves train, search and retrain: method sections are accepted (and unused) here.
+    config = load_config(args.config, args.set, cls=RunConfig)
     data = _check_data_dir(args.data)
     env = init_distributed()
     try:

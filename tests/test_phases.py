@@ -131,3 +131,25 @@ def test_unknown_method_names_the_choices(tiny, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "autodim" in err and "optembed" in err and "pme" in err
+
+
+def test_amtl_warm_starts_from_a_trained_baseline(tiny, tmp_path):
+    """``embdim search --method amtl --init-from`` adds the layer to an already trained model."""
+    base = tmp_path / "base"
+    assert _launch("train", "--data", str(tiny), "--out", str(base), *SETS) == 0
+    base_auc = json.loads((base / "metrics.json").read_text())["test_auc"]
+    run = tmp_path / "amtl"
+    # One search step at tiny learning rates: the warm-started model's AUC is then the baseline's
+    # (the mask nets start with every id at full width), far above a cold start after one step.
+    warm = [*SETS, "--set", "train.max_steps=1", "--set", "optim.sparse_lr=1e-6", "--set", "optim.dense_lr=1e-6",
+            "--set", "amtl.mask_lr=1e-6"]
+    assert _launch("search", "--data", str(tiny), "--method", "amtl", "--budget", str(BUDGET),
+                   "--init-from", str(base), "--out", str(run), *warm) == 0
+    warm_auc = json.loads((run / "metrics.json").read_text())["test_auc"]
+    cold = tmp_path / "cold"
+    assert _launch("search", "--data", str(tiny), "--method", "amtl", "--budget", str(BUDGET),
+                   "--out", str(cold), *warm) == 0
+    cold_auc = json.loads((cold / "metrics.json").read_text())["test_auc"]
+    assert warm_auc > cold_auc + 0.05, (warm_auc, cold_auc, base_auc)
+    assert abs(warm_auc - base_auc) < 0.05, (warm_auc, base_auc)
+    assert load_plan(run / "plan.json").method == "amtl"

@@ -184,6 +184,24 @@ def unsharded_search_module(trainer: Trainer, method: EmbeddingMethod) -> nn.Mod
     return clone
 
 
+def load_dense_from_checkpoint(trainer: Trainer, path: Path) -> list[str]:
+    """Loads the dense arches (everything outside DLRM's sparse arch) of a trained baseline's
+    checkpoint into the search model, so a warm-started search starts as the baseline. The method
+    loads the tables itself (it knows how they map). Collective; returns the keys loaded."""
+    import torch.distributed.checkpoint as dcp
+
+    if not (path / ".metadata").exists() and (path / "ckpt" / "latest").exists():
+        path = path / "ckpt" / (path / "ckpt" / "latest").read_text().strip()
+    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    dense = {f"model.{k}": v for k, v in trainer.model.state_dict().items()
+             if ".sparse_arch." not in k and isinstance(v, torch.Tensor) and f"model.{k}" in saved}
+    if not dense:
+        raise ConfigError(f"search.init_from: {path} holds no dense parameters of this model")
+    dcp.load(dense, checkpoint_id=str(path))
+    logger.info("warm start: loaded %d dense tensors from %s", len(dense), path)
+    return sorted(dense)
+
+
 def _barrier(env: DistEnv) -> None:
     if env.world_size > 1 and dist.is_initialized():
         dist.barrier()
@@ -219,6 +237,7 @@ def run_search(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, 
         resumed = trainer.resume() is not None
         if config.search.init_from and not resumed:
             method.warm_start(trainer, Path(config.search.init_from))
+            load_dense_from_checkpoint(trainer, Path(config.search.init_from))
         context = TrainerSearchContext(trainer, manifest, dataset_dir, budget, config.model.embedding_dim)
         if hasattr(method, "init_search_state"):
             # Per-id side tables (frequency features) and zeroed accumulators, written shard by
