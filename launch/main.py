@@ -35,7 +35,7 @@ from launch.launcher import add_arguments as add_launch_arguments
 from launch.launcher import launch, run_torchrun, torchrun_argv
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
-from trainer.data.manifest import DatasetError, load_manifest
+from trainer.data.manifest import DatasetError, require_dataset
 from trainer.logger import init_logger
 
 logger = logging.getLogger("embdim")
@@ -58,14 +58,6 @@ DEMO_SETTINGS = [
 
 
 # ---------------------------------------------------------------------------- train
-def _check_data_dir(path: str) -> Path:
-    data = Path(path)
-    if not data.is_dir():
-        raise DatasetError(f"{data}: dataset folder not found (--data); make one with `embdim data synth --out {data}`")
-    load_manifest(data)  # validate before any rank joins a collective
-    return data
-
-
 def _train(args: argparse.Namespace) -> int:
     from trainer.distributed import abort, destroy, init_distributed
     from trainer.loop import Trainer
@@ -74,7 +66,7 @@ def _train(args: argparse.Namespace) -> int:
 
     # One TOML serves train, search and retrain: method sections are accepted (and unused) here.
     config = load_config(args.config, args.set, cls=RunConfig)
-    data = _check_data_dir(args.data)
+    data = require_dataset(args.data)
     env = init_distributed()
     try:
         Trainer(config, data, args.out, env=env).fit()
@@ -104,6 +96,15 @@ def register_launch(subparsers: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
+    from embedding_methods import get_method
+
+    # Check the flags before generating data and starting ranks: a typo must not cost a data set
+    # and a torchrun failure report.
+    get_method(args.method)
+    if not 0.0 < args.budget <= 1.0:
+        raise ConfigError(f"--budget: must be in (0, 1], got {args.budget}")
+    if args.rows < 1:
+        raise ConfigError(f"--rows: must be a positive integer, got {args.rows}")
     out = Path(args.out)
     data, run = out / "data", out / "run"
     start = time.perf_counter()

@@ -16,15 +16,7 @@ import argparse
 from pathlib import Path
 
 from trainer.config import ConfigError, load_config
-from trainer.data.manifest import DatasetError, load_manifest
-
-
-def _check_data_dir(path: str) -> Path:
-    data = Path(path)
-    if not data.is_dir():
-        raise DatasetError(f"{data}: dataset folder not found (--data); make one with `embdim data synth --out {data}`")
-    load_manifest(data)  # validate before any rank joins a collective
-    return data
+from trainer.data.manifest import DatasetError, require_dataset
 
 
 def load_run_config(args: argparse.Namespace, extra: list[str] = ()) -> "object":
@@ -47,7 +39,7 @@ def _search(args: argparse.Namespace) -> int:
     if args.init_from:
         extra.append(f'search.init_from="{args.init_from}"')
     config = load_run_config(args, extra)
-    data = _check_data_dir(args.data)
+    data = require_dataset(args.data)
     env = init_distributed()
     try:
         result = run_search(config, data, args.out, args.method, env)
@@ -64,7 +56,7 @@ def _retrain(args: argparse.Namespace) -> int:
     from trainer.phases import run_retrain
 
     config = load_run_config(args)
-    data = _check_data_dir(args.data)
+    data = require_dataset(args.data)
     plan = Path(args.plan)
     if not plan.exists():
         raise DatasetError(f"{plan}: plan not found (--plan); make one with `embdim search`")

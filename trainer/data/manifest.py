@@ -83,6 +83,15 @@ class Manifest:
         return asdict(self)
 
 
+def require_dataset(path: str | Path) -> Path:
+    """A dataset folder given on the command line (``--data``), validated before any rank starts."""
+    data = Path(path)
+    if not data.is_dir():
+        raise DatasetError(f"{data}: dataset folder not found (--data); make one with `embdim data synth --out {data}`")
+    load_manifest(data)
+    return data
+
+
 def counts_path(dataset_dir: str | Path, field_name: str) -> Path:
     return Path(dataset_dir) / "counts" / f"{field_name}.npy"
 
