@@ -162,8 +162,8 @@ def validate_plan(plan: SizePlan, source: str = "plan") -> None:
     if not _is_int(D) or D <= 0 or D % WIDTH_MULTIPLE:
         fail(f"embedding_dim must be a positive multiple of {WIDTH_MULTIPLE}, got {D!r}")
     if plan.budget is not None and (isinstance(plan.budget, bool) or not isinstance(plan.budget, (int, float))
-                                    or not math.isfinite(plan.budget) or plan.budget <= 0):
-        fail(f"budget must be a positive number or null, got {plan.budget!r}")
+                                    or not math.isfinite(plan.budget) or not 0 < plan.budget <= 1):
+        fail(f"budget must be a fraction in (0, 1] of the full-width parameters, or null; got {plan.budget!r}")
     if not isinstance(plan.extra, dict):
         fail(f"extra must be an object, got {type(plan.extra).__name__}")
     if plan.init_checkpoint is not None and (not isinstance(plan.init_checkpoint, str) or not plan.init_checkpoint):

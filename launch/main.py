@@ -7,6 +7,7 @@ Subcommands::
     embdim launch --nproc-per-node N [torchrun flags] -- SUBCOMMAND ARGS...
     embdim search / retrain ...                   learn embedding sizes, train the compact model
     embdim plan show PLAN                         summarize a size plan
+    embdim run / compare ...                      search + retrain + report in one command; a grid of them
     embdim demo --out DIR [--rows N]              synthetic data, search + retrain on 2 CPU ranks, prints AUC
 
 Rank-level subcommands (``train``) read their rank from torchrun's environment, so both
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from launch import data_cli, phases_cli, plan_cli
+from launch import data_cli, phases_cli, plan_cli, run_cli
 from launch.launcher import add_arguments as add_launch_arguments
 from launch.launcher import launch, run_torchrun, torchrun_argv
 from trainer.checkpoint import CheckpointError
@@ -163,6 +164,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_train,
     phases_cli.register,
     plan_cli.register,
+    run_cli.register,
     register_launch,
     register_demo,
 ]
@@ -198,7 +200,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> None:
     """Console-script entry point (``embdim``)."""
-    sys.exit(main())
+    code = main()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # A torchrun worker whose work is done (artifacts are written atomically and fsynced)
+        # exits without interpreter finalisation: a gloo/DCP C++ thread still joinable at static
+        # destruction can abort the process (exit -6) after success, failing the whole job.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

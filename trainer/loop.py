@@ -94,7 +94,15 @@ class _TrackedBatches:
         if self._replay:  # batches pulled by a pipeline that was abandoned (see replay_pending)
             item = self._replay.popleft()
         else:
-            batch = next(self._it)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                raise
+            except Exception as e:
+                # Marked so the trainer never mistakes a data error raised inside the pipeline's
+                # first progress() (which pulls batches ahead) for a failed fx trace.
+                e.embdim_data_error = True  # type: ignore[attr-defined]
+                raise
             item = (batch, self._position())
         self._pending.append(item)
         return item[0]
@@ -360,7 +368,7 @@ class Trainer:
             # The pipeline fx-traces the model on its first batch to find the sharded modules it
             # can pipeline. A stand-in sparse module whose forward cannot be traced (control flow
             # on tensor values) fails there, before any step: train without the pipeline instead.
-            if not first or getattr(self._pipeline, "_pipelined_modules", None):
+            if not first or getattr(self._pipeline, "_pipelined_modules", None) or getattr(e, "embdim_data_error", False):
                 raise
             logger.warning("TrainPipelineSparseDist could not trace the model (%s: %s); falling back to a "
                            "plain training loop", type(e).__name__, e)

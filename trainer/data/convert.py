@@ -115,6 +115,11 @@ def _labels(values: pa.Array, path: Path, column: str, first_row: int, header_li
 
 def _dense(values: pa.Array, path: Path, column: str, first_row: int, header_lines: int) -> np.ndarray:
     x = _to_float(values, path, column, first_row, header_lines, "dense")
+    infinite = np.flatnonzero(np.isinf(x))
+    if len(infinite):  # an explicit infinity is bad data, not a missing value: do not map it to 0 silently
+        i = int(infinite[0])
+        raise DatasetError(f"{path}: {_where(path, first_row + i, header_lines)}: dense column {column!r} holds "
+                           f"{values[i].as_py()!r}; dense values must be finite (leave the cell empty if missing)")
     x = np.where(np.isfinite(x), x, 0.0)
     return dense_transform(x)
 

@@ -88,7 +88,10 @@ def require_dataset(path: str | Path) -> Path:
     data = Path(path)
     if not data.is_dir():
         raise DatasetError(f"{data}: dataset folder not found (--data); make one with `embdim data synth --out {data}`")
-    load_manifest(data)
+    manifest = load_manifest(data)
+    for f in manifest.sparse:  # id counts (used by AMTL, PME) must match the declared cardinalities
+        if counts_path(data, f.name).exists():
+            _read_counts(data, f, mmap=True)
     return data
 
 
@@ -98,10 +101,21 @@ def counts_path(dataset_dir: str | Path, field_name: str) -> Path:
 
 def load_counts(dataset_dir: str | Path, field_name: str, mmap: bool = True) -> np.ndarray:
     """The train-split id counts of one field (memory-mapped by default, shared across processes)."""
-    path = counts_path(dataset_dir, field_name)
+    return _read_counts(dataset_dir, load_manifest(dataset_dir).field(field_name), mmap)
+
+
+def _read_counts(dataset_dir: str | Path, f: SparseField, mmap: bool) -> np.ndarray:
+    path = counts_path(dataset_dir, f.name)
     if not path.exists():
-        raise DatasetError(f"{path}: missing id counts of field {field_name!r}")
-    return np.load(path, mmap_mode="r" if mmap else None)
+        raise DatasetError(f"{path}: missing id counts of field {f.name!r}")
+    try:
+        counts = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DatasetError(f"{path}: cannot read the id counts of field {f.name!r}: {e}") from None
+    if counts.shape != (f.num_embeddings,) or not np.issubdtype(counts.dtype, np.integer):
+        raise DatasetError(f"{path}: id counts of field {f.name!r} have shape {counts.shape} and dtype {counts.dtype}, "
+                           f"expected ({f.num_embeddings},) integers (num_embeddings in dataset.json)")
+    return counts
 
 
 def write_manifest(dataset_dir: str | Path, manifest: Manifest) -> None:

@@ -106,8 +106,13 @@ def _column_roles(manifest: Manifest) -> list[tuple[str, str, str]]:
 
 
 def _check_schema(path: Path, schema: pa.Schema, manifest: Manifest) -> None:
-    """Checks that ``path`` has every column of the manifest, with the format's types."""
-    for name, role, kind in _column_roles(manifest):
+    """Checks that ``path`` has exactly the columns of the manifest, with the format's types."""
+    roles = _column_roles(manifest)
+    extra = [name for name in schema.names if name not in {r[0] for r in roles}]
+    if extra:  # most likely a feature missing from dataset.json: it would be dropped silently
+        raise DatasetError(f"{path} (every row group): column(s) {extra} not in dataset.json (label, dense, sparse); "
+                           f"declare them there or drop them from the file")
+    for name, role, kind in roles:
         if schema.get_field_index(name) < 0:
             raise DatasetError(f"{path} (every row group): missing column {name!r} ({role} in dataset.json); "
                                f"the file has {schema.names}")
@@ -657,7 +662,8 @@ class ParquetBatchReader:
         self._num_batches = num_batches_per_rank(num_rows, world_size, batch_size, self._layout.drop_last)
         if self._num_batches == 0:
             raise DatasetError(f"{self.dataset_dir / 'dataset.json'}: split {split!r} has {num_rows} rows, too few "
-                               f"for one batch of {batch_size} on each of {world_size} rank(s)")
+                               f"for one batch of {batch_size} on each of {world_size} rank(s); lower the batch size "
+                               f"(data.batch_size) or use fewer ranks")
         if not self._layout.drop_last and num_rows < world_size * self._num_batches:
             logger.warning("split %r has %d rows for %d ranks x %d batches: some batches have 0 rows",
                            split, num_rows, world_size, self._num_batches)
