@@ -153,3 +153,27 @@ def test_amtl_warm_starts_from_a_trained_baseline(tiny, tmp_path):
     assert warm_auc > cold_auc + 0.05, (warm_auc, cold_auc, base_auc)
     assert abs(warm_auc - base_auc) < 0.05, (warm_auc, base_auc)
     assert load_plan(run / "plan.json").method == "amtl"
+
+
+def test_resumed_optembed_search_still_rewinds(tiny, tmp_path):
+    """A search killed mid-way and rerun resumes from its checkpoint and still rewinds the retrain
+    start to the step-0 supernet (OptEmbed's default retrain_init="rewind")."""
+    from embedding_methods.mixed_dim import table_name_for_feature
+    from embedding_methods.plan import group_feature_name
+
+    run = tmp_path / "oe"
+    args = ["search", "--data", str(tiny), "--method", "optembed", "--budget", str(BUDGET), "--out", str(run),
+            *SETS, "--set", "train.checkpoint_every=8"]
+    assert _launch(*args, "--set", "train.fail_at_step=10") != 0
+    assert (run / "search_step0.pt").exists() and not (run / "plan.json").exists()
+    step0 = torch.load(run / "search_step0.pt", weights_only=True)
+    assert _launch(*args, "--set", "train.fail_at_step=-1") == 0
+    assert torch.load(run / "search_step0.pt", weights_only=True).keys() == step0.keys()
+    init = torch.load(run / "plan_init.pt", weights_only=True)
+    plan = load_plan(run)
+    for field in plan.fields:
+        full = step0[f"ebc.embedding_bags.t_{field.name}.weight"]
+        for k, group in enumerate(field.groups):
+            table = table_name_for_feature(group_feature_name(field.name, k, len(field.groups)))
+            rows = full if group.ids is None else full[torch.as_tensor(group.ids)]
+            torch.testing.assert_close(init[f"ebc.embedding_bags.{table}.weight"], rows[:, :group.width])

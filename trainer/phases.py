@@ -53,6 +53,7 @@ from trainer.loop import Trainer
 logger = logging.getLogger(__name__)
 
 INIT_FILE = "plan_init.pt"
+INITIAL_FILE = "search_step0.pt"
 
 
 @dataclass
@@ -249,12 +250,21 @@ def run_search(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, 
                               f"(warmup + saliency batches), got {config.train.max_steps}")
         initial = None
         if method.wants_retrain_init() and getattr(method, "needs_initial_checkpoint", False):
-            # Step-0 weights for a lottery-ticket rewind. A resumed search has lost them; its
-            # retrain then starts from the searched weights instead (logged).
+            # Step-0 weights for a lottery-ticket rewind, kept beside the run so that a resumed
+            # search still rewinds to them.
+            initial_path = run_dir / INITIAL_FILE
             if not resumed:
                 initial = unsharded_search_module(trainer, method)
+                if env.is_main:
+                    with atomic_path(initial_path) as tmp:
+                        torch.save(initial.state_dict(), tmp)
+            elif initial_path.exists():
+                initial = method.build_search_module(EmbeddingBagCollection(tables=search_tables,
+                                                                            device=torch.device("cpu")))
+                initial.load_state_dict(torch.load(initial_path, map_location="cpu", weights_only=True))
             else:
-                logger.warning("resumed search: the step-0 weights for optembed's rewind are gone; inheriting")
+                logger.warning("resumed search: %s is missing; the retrain starts from the searched weights "
+                               "instead of the step-0 ones", initial_path)
         metrics = trainer.fit()
         if hasattr(method, "bind_model"):
             method.bind_model(trainer.model)
