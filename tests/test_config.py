@@ -28,6 +28,20 @@ def test_default_toml_matches_dataclass_defaults():
     assert load_config(REPO / "configs" / "default.toml") == Config()
 
 
+def test_methods_toml_matches_dataclass_defaults(tmp_path):
+    # configs/methods.toml lists the search/retrain/method sections at their defaults; together
+    # with default.toml it is a complete run config.
+    import tomllib
+
+    from trainer.phases import RunConfig
+
+    methods = (REPO / "configs" / "methods.toml").read_text()
+    assert set(tomllib.loads(methods)) == {"search", "retrain", "fixed", "mde", "mlet", "optembed", "amtl", "pme"}
+    both = tmp_path / "run.toml"
+    both.write_text((REPO / "configs" / "default.toml").read_text() + "\n" + methods)
+    assert load_config(both, cls=RunConfig) == RunConfig()
+
+
 def test_toml_values(tmp_path):
     path = write(tmp_path, """
 [data]
