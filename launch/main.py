@@ -82,9 +82,7 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a sharded DLRM on a dataset folder (one rank, or under torchrun)")
     p.add_argument("--data", required=True, help="dataset folder made by `embdim data`")
     p.add_argument("--out", required=True, help="run folder: metrics.json, ckpt/, tensorboard/ (resumes from ckpt/latest)")
-    p.add_argument("--config", default=None, help="TOML config (see configs/default.toml)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set train.epochs=2")
+    phases_cli.add_config_arguments(p)
     p.set_defaults(func=_train)
 
 

@@ -71,11 +71,17 @@ def _retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--set``, the same for every training command."""
+    p.add_argument("--config", default=None,
+                   help="TOML config (see configs/default.toml and configs/methods.toml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.epochs=2")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset folder made by `embdim data`")
-    p.add_argument("--config", default=None, help="TOML config (see configs/default.toml)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set optembed.generations=10")
+    add_config_arguments(p)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -44,6 +44,7 @@ from launch.launcher import torchrun_argv
 from trainer.config import ConfigError
 from trainer.data.manifest import DatasetError, load_manifest
 from trainer.io import atomic_write_json
+from launch.phases_cli import add_config_arguments
 from trainer import report as rep
 
 # The repository root, put on the ranks' PYTHONPATH (as launch.launcher.run_torchrun does) so
@@ -404,9 +405,7 @@ def _positive_int(text: str) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset folder made by `embdim data`")
     p.add_argument("--nproc-per-node", type=_positive_int, default=1, help="ranks per phase, through torchrun (default 1)")
-    p.add_argument("--config", default=None, help="TOML config (see configs/default.toml), for every phase")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value for every phase (repeatable), e.g. --set train.epochs=2")
+    add_config_arguments(p)  # for every phase
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
