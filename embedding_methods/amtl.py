@@ -255,14 +255,9 @@ class AMTL(EmbeddingMethod):
                    self.retrain_init)
 
     def __init__(self, config: "AMTL.Config", fields: list[FieldSpec], embedding_dim: int) -> None:
-        if not isinstance(config, AMTL.Config):
-            raise ValueError(f"amtl: config must be AMTL.Config, got {type(config).__name__}")
-        if not fields:
-            raise ValueError("amtl: no sparse fields")
-        allowed_widths(embedding_dim)
+        super().__init__(config, fields, embedding_dim)
         _check(config.initial_width <= embedding_dim, "initial_width", f"must be at most D={embedding_dim}",
                config.initial_width)
-        super().__init__(config, fields, embedding_dim)
 
     # -- search ---------------------------------------------------------------------------------
 

@@ -80,6 +80,15 @@ class EmbeddingMethod(ABC):
     name: str = ""
 
     def __init__(self, config: Any, fields: list[FieldSpec], embedding_dim: int) -> None:
+        config_cls = getattr(type(self), "Config", None)
+        if config_cls is not None and not isinstance(config, config_cls):
+            raise ValueError(f"{self.name}: config must be {type(self).__name__}.Config, got {type(config).__name__}")
+        if not fields:
+            raise ValueError(f"{self.name}: no sparse fields")
+        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim <= 0 \
+                or embedding_dim % 4:
+            # FBGEMM TBE: every sharded table width is a multiple of 4 (torchrec.md section 0.2).
+            raise ValueError(f"{self.name}: embedding_dim must be a positive multiple of 4, got {embedding_dim!r}")
         self.config = config
         self.fields = list(fields)
         self.embedding_dim = embedding_dim

@@ -618,11 +618,6 @@ class OptEmbed(EmbeddingMethod):
                     raise ValueError(f"optembed.{key}: {message}, got {getattr(self, key)!r}")
 
     def __init__(self, config: "OptEmbed.Config", fields: list[FieldSpec], embedding_dim: int) -> None:
-        if not isinstance(config, OptEmbed.Config):
-            raise ValueError(f"optembed: config must be OptEmbed.Config, got {type(config).__name__}")
-        if not fields:
-            raise ValueError("optembed: no sparse fields")
-        allowed_widths(embedding_dim)
         super().__init__(config, fields, embedding_dim)
         self._model: DLRM | None = None
 

@@ -57,8 +57,8 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext, full_width_params
-from embedding_methods.grouping import (SNAP_RULES, allowed_widths, retrain_init_state_from_tables,
+from embedding_methods.base import EmbeddingMethod, SearchContext, full_width_params
+from embedding_methods.grouping import (SNAP_RULES, retrain_init_state_from_tables,
                                         size_plan_from_widths, snap_widths)
 from embedding_methods.mask_aware import MaskAwareEmbedding, acc_table_name, main_table_name
 from embedding_methods.plan import SizePlan
@@ -302,14 +302,6 @@ class PME(EmbeddingMethod):
                    "'rewind' needs freeze_tables = true", self.retrain_init)
             _check(1 <= self.histogram_bits <= 20, "histogram_bits", "must be in [1, 20]", self.histogram_bits)
             _check(self.chunk_entries > 0, "chunk_entries", "must be positive", self.chunk_entries)
-
-    def __init__(self, config: "PME.Config", fields: list[FieldSpec], embedding_dim: int) -> None:
-        if not isinstance(config, PME.Config):
-            raise ValueError(f"pme: config must be PME.Config, got {type(config).__name__}")
-        if not fields:
-            raise ValueError("pme: no sparse fields")
-        allowed_widths(embedding_dim)
-        super().__init__(config, fields, embedding_dim)
 
     @property
     def required_search_steps(self) -> int:

@@ -125,3 +125,17 @@ def test_registry() -> None:
     assert set(embedding_methods.METHOD_NAMES) == {"fixed", "mde", "mlet", "optembed", "amtl", "pme"}
     with pytest.raises(ValueError, match=r"unknown method 'autodim'; choose from \['amtl', 'fixed', 'mde', 'mlet', 'optembed', 'pme'\]"):
         get_method("autodim")
+
+
+@pytest.mark.parametrize("name", ["fixed", "mde", "mlet", "optembed", "amtl", "pme"])
+def test_every_method_checks_its_constructor_arguments(name) -> None:
+    cls = get_method(name)
+    fields = [FieldSpec(name="a", num_embeddings=10), FieldSpec(name="b", num_embeddings=20)]
+    other = FixedWidth.Config() if name != "fixed" else MDE.Config()
+    with pytest.raises(ValueError, match=rf"^{name}: config must be {cls.__name__}\.Config"):
+        cls(other, fields, 16)
+    with pytest.raises(ValueError, match=rf"^{name}: no sparse fields"):
+        cls(cls.Config(), [], 16)
+    with pytest.raises(ValueError, match=rf"^{name}: embedding_dim must be a positive multiple of 4, got 6"):
+        cls(cls.Config(), fields, 6)
+    assert cls(cls.Config(), fields, 16).embedding_dim == 16
