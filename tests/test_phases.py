@@ -11,19 +11,12 @@ import torch
 
 from embedding_methods import METHOD_NAMES, load_plan
 from launch.main import main
-from tests.tiny_data import FIELDS, write_tiny_dataset
+from tests.tiny_data import FIELDS, tiny_run_flags, write_tiny_dataset
 
 DIM = 16
 BUDGET = 0.6
 FULL_PARAMS = sum(n for _, n, _ in FIELDS) * DIM
-TINY = ["data.batch_size=64", "data.eval_batch_size=128", f"model.embedding_dim={DIM}",
-        f"model.dense_arch_layer_sizes=[16, {DIM}]", "model.over_arch_layer_sizes=[16, 1]",
-        "train.epochs=2", "train.log_every=16", "train.progress_bar=false", "optim.dense_lr=0.01",
-        "optim.sparse_lr=0.1",
-        # Small method settings so each search takes seconds.
-        "optembed.generations=3", "optembed.mutation_num=4", "optembed.crossover_num=4", "optembed.keep_num=4",
-        "pme.saliency_batches=4", "mde.md_threshold=0"]
-SETS = [a for s in TINY for a in ("--set", s)]
+SETS = tiny_run_flags(DIM, epochs=2)
 
 
 @pytest.fixture(scope="module")

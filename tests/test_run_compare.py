@@ -11,19 +11,13 @@ import pytest
 
 from launch import run_cli
 from launch.main import main
-from tests.tiny_data import write_tiny_dataset
+from tests.tiny_data import tiny_run_flags, write_tiny_dataset
 from trainer import report as rep
 
 DIM = 16
 BUDGET = 0.6  # reachable by fixed and mde on the tiny tables
-# As tests/test_phases.py, one epoch: each phase is a torchrun launch of 2 ranks on 2 shared cores.
-TINY = ["data.batch_size=64", "data.eval_batch_size=128", f"model.embedding_dim={DIM}",
-        f"model.dense_arch_layer_sizes=[16, {DIM}]", "model.over_arch_layer_sizes=[16, 1]",
-        "train.epochs=1", "train.log_every=16", "train.progress_bar=false", "optim.dense_lr=0.01",
-        "optim.sparse_lr=0.1",
-        "optembed.generations=3", "optembed.mutation_num=4", "optembed.crossover_num=4", "optembed.keep_num=4",
-        "pme.saliency_batches=4", "mde.md_threshold=0"]
-SETS = [a for s in TINY for a in ("--set", s)]
+# One epoch (test_phases.py runs two): each phase is a torchrun launch of 2 ranks on 2 shared cores.
+SETS = tiny_run_flags(DIM, epochs=1)
 TRAIN_ROWS = 2048
 # 2 ranks x 64 rows per step, one epoch.
 STEPS = TRAIN_ROWS // (2 * 64)

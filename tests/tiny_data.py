@@ -81,3 +81,17 @@ def write_tiny_dataset(
     )
     write_manifest(out, manifest)
     return manifest
+
+
+def tiny_run_flags(embedding_dim: int, *, epochs: int) -> list[str]:
+    """``--set`` flags for a seconds-long search/retrain on this data: a tiny DLRM and small
+    method settings (tests/test_phases.py, tests/test_run_compare.py)."""
+    settings = [
+        "data.batch_size=64", "data.eval_batch_size=128", f"model.embedding_dim={embedding_dim}",
+        f"model.dense_arch_layer_sizes=[16, {embedding_dim}]", "model.over_arch_layer_sizes=[16, 1]",
+        f"train.epochs={epochs}", "train.log_every=16", "train.progress_bar=false", "optim.dense_lr=0.01",
+        "optim.sparse_lr=0.1",
+        "optembed.generations=3", "optembed.mutation_num=4", "optembed.crossover_num=4", "optembed.keep_num=4",
+        "pme.saliency_batches=4", "mde.md_threshold=0",
+    ]
+    return [a for s in settings for a in ("--set", s)]
