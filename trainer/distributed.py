@@ -9,6 +9,7 @@ when CUDA is available, gloo on CPU otherwise.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -112,6 +113,11 @@ def destroy() -> None:
     """Destroys the default process group if there is one (safe to call twice)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    # The sharded model's reference cycles still hold the gloo ProcessGroup. Free them here: a
+    # DataLoader worker forked later from this process (an in-process CLI call, as in the tests)
+    # would otherwise collect that garbage itself and hang in ~ProcessGroupGloo, which waits on
+    # gloo threads that do not exist in the child.
+    gc.collect()
 
 
 def abort() -> None:

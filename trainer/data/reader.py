@@ -51,6 +51,7 @@ layout: rows are still read at most once in that epoch. The next epoch starts af
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -727,6 +728,10 @@ class ParquetBatchReader:
             stream = _EpochStream(self.dataset_dir, self.manifest, self._units, plan, rank=self.rank,
                                   epoch=self._epoch, num_consumed=num_consumed,
                                   feature_transform=self.feature_transform, validate=self.validate)
+            if self.num_workers > 0:
+                # Forked workers inherit the parent's cyclic garbage; one that frees a C++ object
+                # whose threads stayed in the parent (a gloo ProcessGroup) hangs. Collect first.
+                gc.collect()
             loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                                 persistent_workers=False, multiprocessing_context=self.multiprocessing_context)
             expected, pending = num_consumed, {}
