@@ -78,6 +78,10 @@ class EmbeddingMethod(ABC):
     """Base class of a method. Subclasses define ``name`` and a nested ``Config`` dataclass."""
 
     name: str = ""
+    search_trains_compact_model: bool = False
+    """True when the plan's start weights already compute exactly what the trained search model
+    computed (MLET's collapse): the retrain phase then only evaluates them unless
+    ``retrain.epochs`` asks for fine-tuning."""
 
     def __init__(self, config: Any, fields: list[FieldSpec], embedding_dim: int) -> None:
         config_cls = getattr(type(self), "Config", None)

@@ -11,6 +11,7 @@ import torch
 
 from embedding_methods import METHOD_NAMES, load_plan
 from launch.main import main
+from trainer.config import ConfigError
 from tests.tiny_data import FIELDS, tiny_run_flags, write_tiny_dataset
 
 DIM = 16
@@ -70,6 +71,14 @@ def test_search_then_retrain(runs, method):
         assert 0.0 <= search_metrics["test_auc"] <= 1.0
     if method in ("mlet", "optembed"):  # retrain starts from the searched weights
         assert (run / "plan_init.pt").exists() and plan.init_checkpoint == "plan_init.pt"
+    if method == "mlet":
+        # The collapse is MLET's final model (paper Sec. 3): the default retrain does not train it,
+        # and being exact, it scores the test split as the factorized search model did.
+        assert metrics["steps"] == 0 and metrics["epochs"] == 0
+        assert abs(metrics["test_auc"] - search_metrics["test_auc"]) < 1e-6
+        assert abs(metrics["test_logloss"] - search_metrics["test_logloss"]) < 1e-5
+    else:
+        assert metrics["steps"] > 0
 
 
 def test_compact_module_trains_in_unmodified_dlrm(runs, tiny):
@@ -170,3 +179,17 @@ def test_resumed_optembed_search_still_rewinds(tiny, tmp_path):
             table = table_name_for_feature(group_feature_name(field.name, k, len(field.groups)))
             rows = full if group.ids is None else full[torch.as_tensor(group.ids)]
             torch.testing.assert_close(init[f"ebc.embedding_bags.{table}.weight"], rows[:, :group.width])
+
+
+def test_retrain_epochs_follow_the_method_unless_set():
+    from trainer.config import TrainConfig
+    from trainer.phases import RetrainConfig, RunConfig, retrain_epochs
+
+    config = RunConfig(train=TrainConfig(epochs=3))
+    assert retrain_epochs(config, "mlet", from_plan=True) == 0       # the collapse is the final model
+    assert retrain_epochs(config, "mlet", from_plan=False) == 3      # fresh tables must be trained
+    assert retrain_epochs(config, "optembed", from_plan=True) == 3
+    tuned = RunConfig(train=TrainConfig(epochs=3), retrain=RetrainConfig(epochs=1))
+    assert retrain_epochs(tuned, "mlet", from_plan=True) == 1
+    with pytest.raises(ConfigError, match="retrain.epochs"):
+        RetrainConfig(epochs=-2)

@@ -394,15 +394,19 @@ class Trainer:
         max_steps = self.config.train.max_steps
         return bool(max_steps) and self.state.step >= max_steps
 
-    def fit(self) -> dict[str, Any]:
-        """Trains for ``train.epochs`` (or ``train.max_steps``), resuming from ``RUN_DIR/ckpt/latest``
-        when it exists; evaluates, checkpoints, writes ``metrics.json``; returns the metrics."""
+    def fit(self, epochs: int | None = None) -> dict[str, Any]:
+        """Trains for ``epochs`` (default ``train.epochs``; 0 = only evaluate) or ``train.max_steps``,
+        resuming from ``RUN_DIR/ckpt/latest`` when it exists; evaluates, checkpoints, writes
+        ``metrics.json``; returns the metrics."""
         cfg = self.config.train
+        epochs = cfg.epochs if epochs is None else epochs
+        if epochs < 0:
+            raise ValueError(f"fit: epochs must be >= 0, got {epochs}")
         self.resume()
         self._pipeline = self._make_pipeline()
         self.model.train()
         start_step = self.state.step
-        while self.state.epoch < cfg.epochs and not self._done():
+        while self.state.epoch < epochs and not self._done():
             if self.state.reader_state is not None:
                 self.train_reader.load_state_dict(self.state.reader_state)
             else:

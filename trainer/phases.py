@@ -75,8 +75,14 @@ class RetrainConfig:
     (MLET's collapsed tables, OptEmbed's rewound/inherited rows) when there are any, else fresh;
     "fresh" = always a fresh initialisation."""
 
+    epochs: int = -1
+    """Training epochs of the retrain: -1 = the method's default (``train.epochs``; 0 for MLET when
+    it starts from its exact collapse, which is the paper's final model), 0 = only evaluate the
+    start weights, N > 0 = N epochs."""
+
     def __post_init__(self) -> None:
         _check(self.init in ("plan", "fresh"), "retrain.init", f"unknown {self.init!r}; choose from ['plan', 'fresh']")
+        _check(self.epochs >= -1, "retrain.epochs", f"must be -1 (method default), 0 or positive, got {self.epochs}")
 
 
 @dataclass
@@ -185,7 +191,7 @@ def unsharded_search_module(trainer: Trainer, method: EmbeddingMethod) -> nn.Mod
     return clone
 
 
-def load_dense_from_checkpoint(trainer: Trainer, path: Path) -> list[str]:
+def load_dense_from_checkpoint(trainer: Trainer, path: Path, key: str = "search.init_from") -> list[str]:
     """Loads the dense arches (everything outside DLRM's sparse arch) of a trained baseline's
     checkpoint into the search model, so a warm-started search starts as the baseline. The method
     loads the tables itself (it knows how they map). Collective; returns the keys loaded."""
@@ -197,7 +203,7 @@ def load_dense_from_checkpoint(trainer: Trainer, path: Path) -> list[str]:
     dense = {f"model.{k}": v for k, v in trainer.model.state_dict().items()
              if ".sparse_arch." not in k and isinstance(v, torch.Tensor) and f"model.{k}" in saved}
     if not dense:
-        raise ConfigError(f"search.init_from: {path} holds no dense parameters of this model")
+        raise ConfigError(f"{key}: {path} holds no dense parameters of this model")
     dcp.load(dense, checkpoint_id=str(path))
     logger.info("warm start: loaded %d dense tensors from %s", len(dense), path)
     return sorted(dense)
@@ -349,11 +355,22 @@ def run_retrain(config: RunConfig, dataset_dir: str | Path, plan_path: str | Pat
                       sparse_module_factory=lambda _tables: build_retrain_module(plan, device="meta"),
                       feature_transform=remapper, phase="retrain")
     init = resolve_init_checkpoint(plan, plan_path)
-    if config.retrain.init == "plan" and init is not None and trainer.resume() is None:
+    from_plan = config.retrain.init == "plan" and init is not None
+    if from_plan and trainer.resume() is None:
         state = torch.load(init, map_location="cpu", weights_only=True)
         _load_init_weights(trainer, state, init)
         logger.info("retrain starts from %s", init)
-    metrics = trainer.fit()
+        if _continues_search(plan.method):
+            # The compact tables compute what the trained search model computed; they belong with
+            # its trained dense arches, not fresh ones (else "evaluate the collapse" is meaningless).
+            search_dir = plan_path.parent
+            if not (search_dir / "ckpt" / "latest").exists():
+                raise PlanError(f"{plan_path}: {plan.method} continues the search model, whose dense arches are "
+                                f"read from {search_dir / 'ckpt'}, which is missing; set retrain.init=\"fresh\" "
+                                f"to train a fresh compact model instead")
+            load_dense_from_checkpoint(trainer, search_dir, key="retrain.init")
+    epochs = retrain_epochs(config, plan.method, from_plan)
+    metrics = trainer.fit(epochs=epochs)
     compact = compact_state_dict(trainer)
     full = plan.full_params()
     metrics.update({
@@ -368,6 +385,21 @@ def run_retrain(config: RunConfig, dataset_dir: str | Path, plan_path: str | Pat
         atomic_write_json(out_dir / "metrics.json", metrics)
     _barrier(env)
     return metrics
+
+
+def retrain_epochs(config: RunConfig, method_name: str, from_plan: bool) -> int:
+    """The retrain's epoch count: ``retrain.epochs`` when set, else 0 for a method whose plan
+    weights are already the trained compact model (and are used), else ``train.epochs``."""
+    if config.retrain.epochs >= 0:
+        return config.retrain.epochs
+    return 0 if from_plan and _continues_search(method_name) else config.train.epochs
+
+
+def _continues_search(method_name: str) -> bool:
+    from embedding_methods import METHODS
+
+    method_cls = METHODS.get(method_name)
+    return method_cls is not None and method_cls.search_trains_compact_model
 
 
 def compact_state_dict(trainer: Trainer) -> dict[str, torch.Tensor]:
