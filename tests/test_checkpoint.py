@@ -1,5 +1,6 @@
 """Checkpoints on 2 gloo ranks: save/restore equality under a different plan (fused optimizer state
-included), exact mid-epoch resume after an injected failure, and resume on 1 rank."""
+included), exact mid-epoch resume after an injected failure, and resume on 1 rank; the sample log
+shows every training row trained on exactly once per epoch across the failure and the resumes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import torch
 from launch.main import main
 from tests.multiprocess import run_multiprocess
 from tests.tiny_data import write_tiny_dataset
+from trainer.data.manifest import load_manifest
+from trainer.data.reader import list_work_units
+from trainer.sample_log import SampleAccount, reconcile_sample_log
 
 TINY = ["data.batch_size=64", "data.eval_batch_size=128", "model.embedding_dim=8",
         "model.dense_arch_layer_sizes=[16, 8]", "model.over_arch_layer_sizes=[16, 1]",
@@ -114,13 +118,25 @@ def _load_dcp(path: Path, tmp: Path) -> dict:
 SCORES = ("valid_auc", "valid_logloss", "test_auc", "test_logloss", "steps", "epochs", "samples", "history")
 
 
+def assert_every_row_once(run: Path, data: Path, *, epochs: int, steps: int) -> SampleAccount:
+    """Reconciles RUN/sample_log (train.sample_log=true) and checks that the counted steps are 1..steps
+    and that each of the epochs trained on, or skipped, every training row exactly once."""
+    account = reconcile_sample_log(run / "sample_log")
+    assert account.steps == list(range(1, steps + 1))
+    units = list_work_units(data, load_manifest(data), "train")
+    assert sum(u.num_rows for u in units) == load_manifest(data).splits["train"].num_rows
+    assert account.exactly_once_errors(units, epochs=epochs) == []
+    return account
+
+
 def test_exact_resume_after_failure_and_on_one_rank(tiny, tmp_path, capfd):
     # 2 epochs of 16 steps per rank; checkpoints every 5 steps; validation every 4 steps, so the
     # pipeline is detached and re-attached mid-epoch too.
     common = ["train.epochs=2", "train.checkpoint_every=5", "train.eval_every=4", "train.keep_checkpoints=0",
-              "sharding.sharding_type=row_wise"]
+              "sharding.sharding_type=row_wise", "train.sample_log=true"]
     straight, failed = tmp_path / "straight", tmp_path / "failed"
     assert _train(tiny, straight, *common) == 0
+    assert_every_row_once(straight, tiny, epochs=2, steps=32)
 
     # Rank 1 raises after step 13: the job fails, the last checkpoint is step 10 (mid-epoch 0).
     assert _train(tiny, failed, *common, "train.fail_at_step=13", "train.fail_rank=1") != 0
@@ -136,6 +152,10 @@ def test_exact_resume_after_failure_and_on_one_rank(tiny, tmp_path, capfd):
     a = json.loads((straight / "metrics.json").read_text())
     b = json.loads((failed / "metrics.json").read_text())
     assert b["resumed_from_step"] == 10 and a["resumed_from_step"] is None
+    # The failed attempt's steps 11-13 were replayed: only its steps 1-10 count, then the rerun's.
+    account = assert_every_row_once(failed, tiny, epochs=2, steps=32)
+    assert [(x["start_step"], x["counted"]) for x in account.attempts] == [(0, [1, 10]), (10, [11, 32])]
+    assert [account.num_rows(e) for e in (0, 1)] == [2048, 2048]  # 2 ranks x 16 x 64: no tail skipped
     assert {k: a[k] for k in SCORES} == {k: b[k] for k in SCORES}
     assert a["valid_auc"] > 0.65
     final_a = _load_dcp(straight / "ckpt" / "step_32", tmp_path)
@@ -154,6 +174,8 @@ def test_exact_resume_after_failure_and_on_one_rank(tiny, tmp_path, capfd):
     assert _train(tiny, one_rank, *common, "train.epochs=1", nproc=1) == 0
     c = json.loads((one_rank / "metrics.json").read_text())
     assert c["world_size"] == 1 and c["resumed_from_step"] == 10 and c["steps"] == 22
+    account = assert_every_row_once(one_rank, tiny, epochs=1, steps=22)
+    assert [(x["world_size"], x["counted"]) for x in account.attempts] == [(2, [1, 10]), (1, [11, 22])]
     assert c["valid_auc"] > 0.6
 
     # One rank loads the final 2-rank model: with nothing left to train it scores what the two

@@ -137,9 +137,20 @@ class TrainConfig:
     batch's compute); false runs a plain forward/backward/step loop."""
     fail_at_step: int = -1
     """Fault injection for tests: rank fail_rank raises right after finishing this step (and its
-    checkpoint), when the run started below it (-1 = never)."""
+    checkpoint), when the run started below it (-1 = never). It fires only in the first attempt of a
+    torchrun job, i.e. when TORCHELASTIC_RESTART_COUNT (set by torchrun in its workers) is unset or
+    0: a worker group that ``--max-restarts`` restarts resumes from the last checkpoint and runs
+    past the step, as after a real transient fault, also when the fault came before any checkpoint.
+    A manual rerun is a new job (count 0 again): it fires again unless it resumes past the step or
+    sets -1."""
     fail_rank: int = 0
     """Rank that raises at fail_at_step."""
+    sample_log: bool = False
+    """Debugging / tests: append, per rank and optimizer step, the training rows that step consumed
+    (file, row group, row indices) to RUN_DIR/sample_log/ (one JSON line per step, plus each
+    epoch's rows that the reader skips), so that ``trainer.sample_log.reconcile_sample_log`` can prove
+    every row was trained on exactly once per epoch across faults, restarts and resumes. Costs a
+    few bytes per row and step; off by default."""
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")

@@ -56,7 +56,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
         return default
@@ -68,8 +68,8 @@ def _env_int(name: str, default: int) -> int:
 
 def _make_env(backend: str) -> DistEnv:
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    local_rank = _env_int("LOCAL_RANK", rank)
-    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+    local_rank = env_int("LOCAL_RANK", rank)
+    local_world_size = env_int("LOCAL_WORLD_SIZE", world_size)
     if backend == "nccl":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -98,7 +98,7 @@ def init_distributed(backend: str | None = None) -> DistEnv:
     if "RANK" in os.environ:
         if backend == "nccl":
             # Bind the device before init so NCCL's communicators land on the right GPU.
-            torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+            torch.cuda.set_device(env_int("LOCAL_RANK", 0))
         dist.init_process_group(backend=backend)
     else:
         dist.init_process_group(

@@ -11,6 +11,10 @@ batches ahead of the one it trains, so the reader position saved in a checkpoint
 recorded when the last *trained* batch was yielded, not the reader's current one: resuming then
 replays exactly the batches the pipeline had prefetched.
 
+With ``train.sample_log`` the rows of every trained batch go the same way into an append-only
+``SampleLog`` (``RUN_DIR/sample_log/``); ``reconcile_sample_log`` replays its attempts (faults,
+torchrun restarts, reruns, resumes on other rank counts) into the rows that counted per epoch.
+
 Example::
 
     env = init_distributed()
@@ -42,17 +46,18 @@ from sharding.planner import plan_summary, replicated_embedding_params, shard_mo
 from trainer.checkpoint import Checkpointer, CheckpointError, TrainerState
 from trainer.config import Config, ConfigError, OptimConfig, config_to_dict
 from trainer.data.manifest import DatasetError, load_manifest
-from trainer.distributed import DistEnv
+from trainer.distributed import DistEnv, env_int
 from trainer.io import atomic_write_json
 from trainer.logger import build_logger
 from trainer.metrics import MetricAccumulator
 from trainer.model import AuxLossFn, SparseModuleFactory, build_model, embedding_size
+from trainer.sample_log import SAMPLE_LOG_DIR, SampleLog
 
 logger = logging.getLogger(__name__)
 
 ScoreFn = Callable[[Batch], None]
 # Config keys that may differ between a checkpoint and the run resuming from it without a warning.
-_RESUME_FREE_KEYS = {"fail_at_step", "fail_rank", "progress_bar", "log_every", "tensorboard"}
+_RESUME_FREE_KEYS = {"fail_at_step", "fail_rank", "progress_bar", "log_every", "tensorboard", "sample_log"}
 
 
 def dense_optimizer(config: OptimConfig, params: dict[str, torch.Tensor]) -> KeyedOptimizerWrapper:
@@ -77,15 +82,20 @@ class _TrackedBatches:
     ``ParquetBatchReader.state_dict()`` lists the epoch's whole work plan (one entry per row
     group), which is constant within a pass while ``batches_in_epoch`` counts up by one per batch,
     so the plan is copied once per pass and each batch only records its count.
+
+    With ``track_rows`` (the reader built with ``track_rows=True``) each batch also keeps the rows
+    it holds (``reader.last_batch_rows``), so that the rows of the step just trained, not of the
+    batches the pipeline prefetched, reach the sample log.
     """
 
-    def __init__(self, reader: Any) -> None:
+    def __init__(self, reader: Any, *, track_rows: bool = False) -> None:
         self._reader = reader
         self._it = iter(reader)
+        self._track_rows = track_rows
         self._base: dict | None = None
         self._count: int | None = None
-        self._pending: collections.deque[tuple[Batch, Any]] = collections.deque()
-        self._replay: collections.deque[tuple[Batch, Any]] = collections.deque()
+        self._pending: collections.deque[tuple[Batch, Any, Any]] = collections.deque()
+        self._replay: collections.deque[tuple[Batch, Any, Any]] = collections.deque()
 
     def __iter__(self) -> "_TrackedBatches":
         return self
@@ -103,7 +113,7 @@ class _TrackedBatches:
                 # first progress() (which pulls batches ahead) for a failed fx trace.
                 e.embdim_data_error = True  # type: ignore[attr-defined]
                 raise
-            item = (batch, self._position())
+            item = (batch, self._position(), self._reader.last_batch_rows if self._track_rows else None)
         self._pending.append(item)
         return item[0]
 
@@ -118,11 +128,12 @@ class _TrackedBatches:
             return count
         return state  # a reader without a batch counter: a full copy per batch
 
-    def pop_trained(self) -> dict:
-        position = self._pending.popleft()[1]
+    def pop_trained(self) -> tuple[dict, Any]:
+        """(reader position after the batch just trained, its rows or None when not tracked)."""
+        _, position, rows = self._pending.popleft()
         if isinstance(position, int):
-            return {**self._base, "batches_in_epoch": position}
-        return position
+            return {**self._base, "batches_in_epoch": position}, rows
+        return position, rows
 
     def replay_pending(self) -> None:
         """Yields the pulled-but-untrained batches again before new ones."""
@@ -193,7 +204,8 @@ class Trainer:
         from trainer.data.reader import ParquetBatchReader  # the reader pulls in pyarrow & workers
 
         self._reader_cls = ParquetBatchReader
-        self.train_reader = self._make_reader("train", shuffle=config.data.shuffle)
+        self.train_reader = self._make_reader("train", shuffle=config.data.shuffle,
+                                              track_rows=config.train.sample_log)
         if len(self.train_reader) == 0:
             raise DatasetError(f"{self.dataset_dir}: the train split gives no batch of {config.data.batch_size} "
                                f"rows per rank on {env.world_size} ranks; lower data.batch_size")
@@ -208,6 +220,10 @@ class Trainer:
         self._resumed_from: int | None = None
         self._resumed_path: Path | None = None
         self._resume_checked = False
+        # Worker-group restarts so far (torchrun sets it in every worker; absent without torchrun):
+        # train.fail_at_step fires only in the first attempt, and the sample log records it.
+        self._restart_count = env_int("TORCHELASTIC_RESTART_COUNT", 0)
+        self._sample_log: SampleLog | None = None
 
     # ------------------------------------------------------------------ construction
     @property
@@ -244,12 +260,13 @@ class Trainer:
         self._lazy_optims = [o for name, o in optims if name != "fused"]
         return CombinedOptimizer(optims)
 
-    def _make_reader(self, split: str, *, shuffle: bool) -> Any:
+    def _make_reader(self, split: str, *, shuffle: bool, track_rows: bool = False) -> Any:
         batch_size = self.config.data.batch_size if split == "train" else self.config.data.eval_batch_size
         return self._reader_cls(
             self.dataset_dir, split, batch_size=batch_size, rank=self.env.rank, world_size=self.env.world_size,
             num_workers=self.config.data.num_workers, shuffle=shuffle, seed=self.config.train.seed,
             feature_transform=self.feature_transform, pin_memory=self.config.data.pin_memory,
+            track_rows=track_rows,
         )
 
     def _eval_reader(self, split: str) -> Any:
@@ -302,6 +319,10 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Saves ``ckpt/step_<step>`` (collective)."""
+        if self._sample_log is not None:
+            # Lines of steps <= this checkpoint's step must survive any crash after it: a resumed
+            # attempt replaces only the steps after the checkpoint.
+            self._sample_log.sync()
         self.checkpointer.save(self.model, self.optimizer, self.state, self._meta())
         self._saved_step = self.state.step
 
@@ -406,26 +427,37 @@ class Trainer:
         self._pipeline = self._make_pipeline()
         self.model.train()
         start_step = self.state.step
-        while self.state.epoch < epochs and not self._done():
-            if self.state.reader_state is not None:
-                self.train_reader.load_state_dict(self.state.reader_state)
-            else:
-                self.train_reader.set_epoch(self.state.epoch)
-                self.state.extra["epoch_step"] = 0
-            finished = self._train_epoch(start_step)
-            if finished:
-                self.state.epoch += 1
-                self.state.extra["epoch_step"] = 0
-                self.state.reader_state = None
-                self._record_valid()
-        if self._saved_step != self.state.step:
-            self.save_checkpoint()
+        if cfg.sample_log and self._sample_log is None:
+            self._sample_log = SampleLog(self.run_dir / SAMPLE_LOG_DIR, self.env, phase=self.phase,
+                                         start_step=start_step, restart_count=self._restart_count)
+        try:
+            while self.state.epoch < epochs and not self._done():
+                if self.state.reader_state is not None:
+                    self.train_reader.load_state_dict(self.state.reader_state)
+                else:
+                    self.train_reader.set_epoch(self.state.epoch)
+                    self.state.extra["epoch_step"] = 0
+                if self._sample_log is not None and self.env.is_main:
+                    # The plan is the same on every rank: rank 0 records what this pass skips.
+                    self._sample_log.plan(self.state.step, self.state.epoch, self.train_reader.dropped_rows())
+                finished = self._train_epoch(start_step)
+                if finished:
+                    self.state.epoch += 1
+                    self.state.extra["epoch_step"] = 0
+                    self.state.reader_state = None
+                    self._record_valid()
+            if self._saved_step != self.state.step:
+                self.save_checkpoint()
+        finally:
+            if self._sample_log is not None:
+                self._sample_log.close()
+                self._sample_log = None
         return self._finish()
 
     def _train_epoch(self, start_step: int) -> bool:
         """Trains until the epoch ends (True) or max_steps is reached (False)."""
         cfg = self.config.train
-        batches = _TrackedBatches(self.train_reader)
+        batches = _TrackedBatches(self.train_reader, track_rows=self._sample_log is not None)
         done = self.state.extra["epoch_step"]
         total = done + getattr(self.train_reader, "num_remaining_batches", len(self.train_reader) - done)
         if cfg.max_steps:
@@ -445,7 +477,10 @@ class Trainer:
                 elapsed = time.perf_counter() - t0
                 self.state.step += 1
                 self.state.extra["epoch_step"] += 1
-                self.state.reader_state = batches.pop_trained()
+                self.state.reader_state, rows = batches.pop_trained()
+                if self._sample_log is not None:
+                    # Before this step's checkpoint (below), so that the checkpoint implies the line.
+                    self._sample_log.step(self.state.step, self.state.epoch, rows)
                 n = labels.numel()
                 self.state.train_seconds += elapsed
                 self.state.samples += n * self.env.world_size
@@ -466,7 +501,8 @@ class Trainer:
                     self._record_valid()
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-                if step == cfg.fail_at_step and self.env.rank == cfg.fail_rank and start_step < step:
+                if (step == cfg.fail_at_step and self.env.rank == cfg.fail_rank and start_step < step
+                        and self._restart_count == 0):
                     raise RuntimeError(f"injected failure at step {step} on rank {self.env.rank} (train.fail_at_step)")
             return False
         finally:

@@ -47,6 +47,15 @@ consumed batches by row arithmetic, whole pieces without decoding them. Under a 
 computes which stream rows the old layout consumed (the first ``batches_in_epoch`` batches of every rank)
 and re-deals the remaining rows (skipped tail included) as pieces ``(unit, start, end)`` over the new
 layout: rows are still read at most once in that epoch. The next epoch starts afresh.
+
+Row provenance
+--------------
+With ``track_rows=True`` each worker also records which rows it sliced into each batch, as
+``(unit, row indices in file order within the row group)``; the batch carries them to the main
+process and ``last_batch_rows`` returns them for the batch just yielded, while ``dropped_rows()``
+lists the tail a training epoch skips. The trainer's ``train.sample_log`` writes both down to prove
+exactly-once consumption across faults and restarts. Off by default: the normal path only checks a
+flag.
 """
 
 from __future__ import annotations
@@ -189,6 +198,11 @@ def num_batches_per_rank(num_rows: int, world_size: int, batch_size: int, drop_l
     if drop_last:
         return num_rows // (world_size * batch_size)
     return -(-num_rows // (world_size * batch_size))
+
+
+def _unit_permutation(layout: _Layout, epoch: int, unit: int, num_rows: int) -> np.ndarray:
+    """The order (int64 file-order row indices) in which a shuffled epoch reads the rows of ``unit``."""
+    return np.random.default_rng([layout.seed, epoch, unit]).permutation(num_rows).astype(np.int64, copy=False)
 
 
 class _Plan:
@@ -443,12 +457,13 @@ class _EpochStream(IterableDataset):
 
     def __init__(self, dataset_dir: Path, manifest: Manifest, units: list[WorkUnit], plan: _Plan, *, rank: int,
                  epoch: int, num_consumed: int, feature_transform: Optional[FeatureTransform],
-                 validate: bool) -> None:
+                 validate: bool, track_rows: bool = False) -> None:
         super().__init__()
         self.dataset_dir, self.manifest, self.units, self.plan = dataset_dir, manifest, units, plan
         self.rank, self.epoch, self.num_consumed = rank, epoch, num_consumed
         self.feature_transform = feature_transform
         self.validate = validate
+        self.track_rows = track_rows
 
     def __iter__(self) -> Iterator[tuple[int, "_PackedBatch"]]:
         info = get_worker_info()
@@ -466,21 +481,30 @@ class _EpochStream(IterableDataset):
             begin, end = self.plan.batch_start(first + done), self.plan.batch_start(first + num)
             chunks = self._chunks(decoder, begin, end)
             current, cursor = _empty_columns(decoder), 0
+            unit, source = -1, None
             for i in range(done, num):
                 size = self.plan.batch_start(first + i + 1) - self.plan.batch_start(first + i)
                 parts = []
+                rows: Optional[list[tuple[int, np.ndarray]]] = [] if self.track_rows else None
                 while size > 0:
                     if cursor == len(current):
-                        current, cursor = next(chunks), 0
+                        (current, unit, source), cursor = next(chunks), 0
                     take = min(size, len(current) - cursor)
                     parts.append((current, cursor, cursor + take))
+                    if rows is not None:
+                        rows.append((unit, source[cursor:cursor + take]))
                     cursor += take
                     size -= take
-                yield i * num_slots + slot, self._batch(decoder, parts)
+                packed = self._batch(decoder, parts)
+                packed.rows = rows
+                yield i * num_slots + slot, packed
         finally:
             decoder.close()
 
-    def _chunks(self, decoder: _UnitDecoder, begin: int, end: int) -> Iterator[_Columns]:
+    def _chunks(self, decoder: _UnitDecoder, begin: int,
+                end: int) -> Iterator[tuple[_Columns, int, Optional[np.ndarray]]]:
+        """The decoded pieces of stream rows ``[begin, end)``, each with its unit and, when tracking
+        rows, the file-order row indices (within the row group) of its rows; else None."""
         layout = self.plan.layout
         permutation_of: dict[int, np.ndarray] = {}
         for unit, start, stop in self.plan.row_pieces(begin, end):
@@ -488,10 +512,13 @@ class _EpochStream(IterableDataset):
             if layout.shuffle:
                 if unit not in permutation_of:
                     permutation_of.clear()  # pieces of a unit are adjacent in a slot's stretch
-                    rng = np.random.default_rng([layout.seed, self.epoch, unit])
-                    permutation_of[unit] = rng.permutation(self.units[unit].num_rows)
+                    permutation_of[unit] = _unit_permutation(layout, self.epoch, unit, self.units[unit].num_rows)
                 permutation = permutation_of[unit]
-            yield decoder.piece(unit, start, stop, permutation)
+            source = None
+            if self.track_rows:
+                # The very indices the piece gathers, not a recomputation: the record is what was read.
+                source = np.arange(start, stop, dtype=np.int64) if permutation is None else permutation[start:stop]
+            yield decoder.piece(unit, start, stop, permutation), unit, source
 
     def _batch(self, decoder: _UnitDecoder, parts: list[tuple[_Columns, int, int]]) -> "_PackedBatch":
         if not parts:
@@ -547,14 +574,16 @@ class _PackedBatch:
     descriptor that the main process fetches over a socket and maps: one buffer per batch instead of four
     tensors pays that once. Workers allocate it in shared memory directly (no copy on the way out), and
     pinning pins the single buffer. Layout: values int64 [num_values], then float32 dense [size, num_dense], float32
-    labels [size] and int32 lengths [len(keys) * size].
+    labels [size] and int32 lengths [len(keys) * size]. ``rows``: the batch's provenance
+    ``[(unit, file-order row indices)]`` when the reader tracks rows, else None.
     """
 
-    __slots__ = ("buffer", "keys", "size", "num_dense", "num_values")
+    __slots__ = ("buffer", "keys", "size", "num_dense", "num_values", "rows")
 
     def __init__(self, buffer: torch.Tensor, keys: tuple[str, ...], size: int, num_dense: int,
-                 num_values: int) -> None:
+                 num_values: int, rows: Optional[list[tuple[int, np.ndarray]]] = None) -> None:
         self.buffer, self.keys, self.size, self.num_dense, self.num_values = buffer, keys, size, num_dense, num_values
+        self.rows = rows
 
     @classmethod
     def allocate(cls, keys: tuple[str, ...], size: int, num_dense: int, num_values: int) -> "_PackedBatch":
@@ -579,7 +608,7 @@ class _PackedBatch:
 
     def pin_memory(self, *args: Any, **kwargs: Any) -> "_PackedBatch":
         return _PackedBatch(self.buffer.pin_memory(*args, **kwargs), self.keys, self.size, self.num_dense,
-                            self.num_values)
+                            self.num_values, self.rows)
 
     def unpack(self) -> Batch:
         b = self._bounds()
@@ -625,6 +654,9 @@ class ParquetBatchReader:
             None = Python's default). A process that was itself spawned (torch.multiprocessing.spawn,
             tests/multiprocess.py) defaults to "spawn", whose workers re-import torch and torchrec at
             every epoch start (seconds each).
+        track_rows: record which rows each batch holds (``last_batch_rows``) and which rows an
+            epoch skips (``dropped_rows()``); for sample accounting, off by default (see the module
+            docstring).
 
     Raises:
         DatasetError: bad manifest, files or schema (at construction) or bad values (while iterating),
@@ -635,7 +667,7 @@ class ParquetBatchReader:
                  world_size: int = 1, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
                  drop_last: Optional[bool] = None, feature_transform: Optional[FeatureTransform] = None,
                  pin_memory: bool = False, validate: bool = True,
-                 multiprocessing_context: Optional[str] = None) -> None:
+                 multiprocessing_context: Optional[str] = None, track_rows: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -651,6 +683,8 @@ class ParquetBatchReader:
         self.num_workers = num_workers
         self.feature_transform = feature_transform
         self.validate = validate
+        self.track_rows = track_rows
+        self._last_rows: Optional[list[tuple[str, int, np.ndarray]]] = None
         self.multiprocessing_context = multiprocessing_context if num_workers > 0 else None
         self.pin_memory = pin_memory and torch.cuda.is_available()
         if pin_memory and not self.pin_memory:
@@ -701,6 +735,35 @@ class ParquetBatchReader:
         """Batches the next ``iter(reader)`` yields: the rest of the current epoch."""
         return self._current_plan().num_batches - self._batches_in_epoch
 
+    @property
+    def last_batch_rows(self) -> list[tuple[str, int, np.ndarray]]:
+        """Rows of the batch most recently yielded, in batch order: ``[(file, row_group, rows)]`` where
+        ``rows`` (int64) index the row group in file order. Needs ``track_rows=True``."""
+        if not self.track_rows:
+            raise RuntimeError(f"{self.split} reader: last_batch_rows needs the reader built with track_rows=True")
+        if self._last_rows is None:
+            raise RuntimeError(f"{self.split} reader: no batch has been yielded yet")
+        return self._last_rows
+
+    def dropped_rows(self) -> list[tuple[str, int, np.ndarray]]:
+        """Rows that the current epoch's plan skips (the tail past ``world_size * N * batch_size`` of the
+        shuffled stream when ``drop_last``; none otherwise), as ``[(file, row_group, rows)]`` like
+        ``last_batch_rows``. After a re-deal onto another layout, the tail of the re-dealt rows: the old
+        plan's tail is then read. Needs ``track_rows=True``."""
+        if not self.track_rows:
+            raise RuntimeError(f"{self.split} reader: dropped_rows() needs the reader built with track_rows=True")
+        plan = self._current_plan()
+        layout = plan.layout
+        begin = plan.batch_start(layout.world_size * plan.num_batches)
+        out = []
+        for unit, start, end in plan.row_pieces(begin, plan.num_rows):
+            if layout.shuffle:
+                rows = _unit_permutation(layout, self._epoch, unit, self._units[unit].num_rows)[start:end]
+            else:
+                rows = np.arange(start, end, dtype=np.int64)
+            out.append((self._units[unit].file, self._units[unit].row_group, rows))
+        return out
+
     def set_epoch(self, epoch: int) -> None:
         """Moves to the start of ``epoch``; a no-op for the current epoch, so a resumed position is kept."""
         if epoch < 0:
@@ -727,7 +790,8 @@ class ParquetBatchReader:
         if num_consumed < plan.num_batches:
             stream = _EpochStream(self.dataset_dir, self.manifest, self._units, plan, rank=self.rank,
                                   epoch=self._epoch, num_consumed=num_consumed,
-                                  feature_transform=self.feature_transform, validate=self.validate)
+                                  feature_transform=self.feature_transform, validate=self.validate,
+                                  track_rows=self.track_rows)
             if self.num_workers > 0:
                 # Forked workers inherit the parent's cyclic garbage; one that frees a C++ object
                 # whose threads stayed in the parent (a gloo ProcessGroup) hangs. Collect first.
@@ -740,7 +804,11 @@ class ParquetBatchReader:
                 for sequence, batch in it:
                     pending[sequence] = batch
                     while expected in pending:
-                        out = pending.pop(expected).unpack()
+                        packed = pending.pop(expected)
+                        out = packed.unpack()
+                        if packed.rows is not None:
+                            self._last_rows = [(self._units[u].file, self._units[u].row_group, rows)
+                                               for u, rows in packed.rows]
                         expected += 1
                         # Count before handing out: a checkpoint taken while the consumer works on this
                         # batch must not replay it.
