@@ -139,11 +139,20 @@ def sparse_optimizer(config: OptimConfig, device_type: str) -> tuple[type[torch.
     raise ConfigError(f"optim.sparse_optimizer: unknown {config.sparse_optimizer!r}")
 
 
+def device_memory(device: torch.device) -> int | None:
+    """HBM of the card, for the planner; ``Topology`` otherwise assumes 32 GB per GPU and refuses
+    table sets a 141 GB H200 holds easily (measured: Criteo-1TB shape with PME's accumulators)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
 def plan_model(model: nn.Module, env: DistEnv, config: Config) -> ShardingPlan:
     """Runs the planner on rank 0 and broadcasts the plan (``collective_plan``), so every rank
     shards identically."""
     topology = Topology(
-        world_size=env.world_size, compute_device=env.device.type, local_world_size=env.local_world_size
+        world_size=env.world_size, compute_device=env.device.type, local_world_size=env.local_world_size,
+        hbm_cap=device_memory(env.device),
     )
     planner = EmbeddingShardingPlanner(
         topology=topology,

@@ -1,0 +1,478 @@
+"""Training step throughput and peak memory of every phase, side by side with plain TorchRec.
+
+One command per machine. For each rank count it starts ``torchrun`` once; every rank then builds,
+in turn, each model variant on the same tables and sharding, and times training steps at each
+batch size on in-memory batches (the same batches for every variant):
+
+- ``plain``: TorchRec alone (``DLRMTrain(DLRM(EmbeddingBagCollection))``, fused optimizer in
+  backward, ``DistributedModelParallel``, ``TrainPipelineSparseDist``), written here without any
+  embdim code: the reference.
+- ``full``: embdim's full-width baseline (``trainer.loop.Trainer``, as ``embdim train`` builds it).
+- ``full_parquet``: the same model fed by the trainer's Parquet reader (``--loader-workers``
+  processes per rank) from the on-disk synthetic dataset instead of memory: the streaming cost.
+- ``search_<method>``: the method's search model as ``embdim search`` builds it (OptEmbed supernet,
+  MLET factorized tables, AMTL / PME mask-aware collection with its side tables).
+- ``compact_<method>``: the retrained compact model of a plan at ``--budget`` as ``embdim retrain``
+  builds it: ``fixed`` (closed form, one width per field) and ``pme`` (per-id groups; the plan is
+  exported from the ``search_pme`` model of the same run, so ``search_pme`` must come first).
+  Per-id plans remap ids on the host (in the loader); that cost is measured separately per batch
+  (``remap_ms``) and is not in the step time, as loader work overlaps training.
+
+The batches are generated once per rank: ids drawn per field from the same bounded power law as
+``embdim data synth`` (Zipf, exponent 1.1), so the lookups hit a realistic skew. Step time is the
+mean over ``--steps`` pipelined steps after ``--warmup`` steps, between CUDA synchronisations;
+samples/s is global (batch per rank x ranks / step time); peak memory is the largest
+``max_memory_allocated`` over the ranks during the timed steps (tables, optimizer state and
+activations). ``emb GB/s`` estimates the embedding traffic per rank: every looked-up row is read
+in forward and read and written by the fused optimizer in backward (3 x ids x width x 4 bytes),
+over the step time; ``copy GB/s`` is the card's measured device-to-device copy rate (read +
+write bytes of a 2 GiB ``copy_``), the ceiling for that traffic.
+
+Usage::
+
+    python -m bench.bench_gpu --ranks 1,2,4 --rows-per-table 2000000 --dim 128 \\
+        --batch-sizes 8192,65536,131072 --shardings table_wise,row_wise --out /tmp/bench_gpu
+
+Prints one markdown table (and ratios to ``plain`` in the same run); full results in
+``OUT/results.jsonl`` and ``OUT/bench_gpu.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+DEFAULT_VARIANTS = ("plain", "full", "search_optembed", "search_mlet", "search_amtl", "search_pme",
+                    "compact_fixed", "compact_pme")
+ZIPF_EXPONENT = 1.1
+NUM_DISTINCT_BATCHES = 4
+"""Distinct batches per rank and batch size, cycled (enough that no step re-reads the previous one)."""
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", default="1", help="comma-separated rank counts (one torchrun each)")
+    p.add_argument("--rows-per-table", type=int, default=1_000_000, help="rows of each of the 26 tables")
+    p.add_argument("--cardinalities", default="", help="comma-separated rows per table (overrides "
+                   "--rows-per-table; 'criteo-1tb' = the Criteo 1TB table sizes)")
+    p.add_argument("--cardinality-cap", type=int, default=0, help="cap on rows per table (0 = none)")
+    p.add_argument("--dim", type=int, default=128, help="full embedding width D")
+    p.add_argument("--batch-sizes", default="8192,65536", help="comma-separated batch sizes per rank")
+    p.add_argument("--shardings", default="table_wise", help="comma-separated sharding types")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated, in order")
+    p.add_argument("--budget", type=float, default=0.25, help="budget of the compact plans and of search")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--skeleton-rows", type=int, default=40_000,
+                   help="rows of the on-disk dataset (its manifest and counts matter, and the rows feed "
+                        "the full_parquet variant: give it enough for warmup + steps batches)")
+    p.add_argument("--loader-workers", type=int, default=4, help="Parquet loader processes per rank (full_parquet)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--out", default="/tmp/embdim_bench_gpu")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+# ---------------------------------------------------------------------------- data
+def _cardinalities(args: argparse.Namespace) -> list[int]:
+    from trainer.data.synth import CRITEO_1TB_CARDINALITIES
+
+    if args.cardinalities == "criteo-1tb":
+        cards = list(CRITEO_1TB_CARDINALITIES)
+    elif args.cardinalities:
+        cards = _ints(args.cardinalities)
+    else:
+        cards = [args.rows_per_table] * 26
+    if args.cardinality_cap:
+        cards = [min(c, args.cardinality_cap) for c in cards]
+    return cards
+
+
+def ensure_dataset(args: argparse.Namespace) -> Path:
+    """A small on-disk dataset whose manifest has the benchmark's tables (the trainer needs one;
+    its rows only feed the trainer's unused reader and AMTL's frequency counts)."""
+    from trainer.data.synth import generate_synthetic
+
+    data = Path(args.out) / "data"
+    if not (data / "dataset.json").exists():
+        generate_synthetic(data, num_rows=args.skeleton_rows, cardinalities=_cardinalities(args), progress=False)
+    return data
+
+
+def make_features(manifest: Any, batch_size: int, seed: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
+                                                                       np.ndarray, np.ndarray]:
+    """One batch on the host: ``(features, dense, labels)`` in the reader's ``FeatureDict`` form."""
+    from trainer.data.synth import zipf_ids
+
+    rng = np.random.default_rng(seed)
+    features = {}
+    for f in manifest.sparse:
+        ids = zipf_ids(rng.random(batch_size), max(1, f.num_embeddings - 1), ZIPF_EXPONENT)
+        features[f.name] = (ids, np.ones(batch_size, np.int32))
+    dense = rng.standard_normal((batch_size, len(manifest.dense) or 1)).astype(np.float32)
+    labels = (rng.random(batch_size) < 0.25).astype(np.float32)
+    return features, dense, labels
+
+
+def to_batch(features: dict[str, tuple[np.ndarray, np.ndarray]], dense: np.ndarray, labels: np.ndarray) -> Any:
+    from torchrec.datasets.utils import Batch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    keys = list(features)
+    kjt = KeyedJaggedTensor(keys=keys,
+                            values=torch.from_numpy(np.concatenate([features[k][0] for k in keys])),
+                            lengths=torch.from_numpy(np.concatenate([features[k][1] for k in keys])))
+    batch = Batch(dense_features=torch.from_numpy(dense), sparse_features=kjt, labels=torch.from_numpy(labels))
+    return batch.pin_memory() if torch.cuda.is_available() else batch
+
+
+# ---------------------------------------------------------------------------- models
+def _config(args: argparse.Namespace, sharding: str, budget: float) -> Any:
+    from trainer.config import load_config
+    from trainer.phases import RunConfig
+
+    d = args.dim
+    sets = [f"model.embedding_dim={d}", f"model.dense_arch_layer_sizes=[512, 256, {d}]",
+            "model.over_arch_layer_sizes=[512, 256, 1]", f"sharding.sharding_type={sharding}",
+            "data.batch_size=64", "data.num_workers=0", "train.progress_bar=false", f"search.budget={budget}",
+            *args.set]
+    return load_config(None, sets, cls=RunConfig)
+
+
+def build_plain(config: Any, manifest: Any, env: Any) -> tuple[Any, Any]:
+    """Plain TorchRec: the reference every other variant is compared with (no embdim code)."""
+    from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.distributed.types import ShardingEnv
+    from torchrec.models.dlrm import DLRM, DLRMTrain
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    from sharding.planner import device_memory, get_sharders, sparse_optimizer
+
+    d = config.model.embedding_dim
+    tables = [EmbeddingBagConfig(name=f"t_{f.name}", embedding_dim=d, num_embeddings=f.num_embeddings,
+                                 feature_names=[f.name]) for f in manifest.sparse]
+    model = DLRMTrain(DLRM(embedding_bag_collection=EmbeddingBagCollection(tables=tables, device=torch.device("meta")),
+                           dense_in_features=len(manifest.dense) or 1,
+                           dense_arch_layer_sizes=list(config.model.dense_arch_layer_sizes),
+                           over_arch_layer_sizes=list(config.model.over_arch_layer_sizes), dense_device=env.device))
+    optim_cls, optim_kwargs = sparse_optimizer(config.optim, env.device.type)
+    apply_optimizer_in_backward(optim_cls, model.model.sparse_arch.parameters(), optim_kwargs)
+    constraints = {t.name: ParameterConstraints(sharding_types=[config.sharding.sharding_type],
+                                                compute_kernels=["fused"]) for t in tables}
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=env.world_size, compute_device=env.device.type,
+                                                         local_world_size=env.local_world_size,
+                                                         hbm_cap=device_memory(env.device)),
+                                       constraints=constraints)
+    plan = planner.collective_plan(model, get_sharders(), env.pg)
+    dmp = DistributedModelParallel(module=model, env=ShardingEnv.from_process_group(env.pg), device=env.device,
+                                   plan=plan, sharders=get_sharders())
+    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    optimizer = CombinedOptimizer([dmp.fused_optimizer, KeyedOptimizerWrapper(
+        dense, lambda ps: torch.optim.Adam(ps, lr=config.optim.dense_lr))])
+    return dmp, optimizer
+
+
+class Built:
+    """A variant ready to time: model, optimizer, and how to turn host features into its batches."""
+
+    def __init__(self, model: Any, optimizer: Any, tables: list, transform: Callable | None = None,
+                 keep: Any = None) -> None:
+        self.model, self.optimizer, self.transform, self.keep = model, optimizer, transform, keep
+        # Width of the table each KJT key is looked up in (for the embedding traffic estimate).
+        self.key_widths = {name: t.embedding_dim for t in tables for name in t.feature_names}
+
+    def lookup_bytes(self, batch: Any) -> int:
+        kjt = batch.sparse_features
+        counts = kjt.length_per_key()
+        return sum(n * self.key_widths.get(k, 0) * 4 for k, n in zip(kjt.keys(), counts))
+
+
+def build_variant(variant: str, config: Any, data: Path, run_dir: Path, env: Any, state: dict) -> Built:
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from embedding_methods import IdRemapper
+    from embedding_methods.mixed_dim import build_retrain_module
+    from trainer.data.manifest import load_manifest
+    from trainer.loop import Trainer
+    from trainer.phases import TrainerSearchContext, build_method
+
+    from trainer.model import build_tables
+
+    manifest = load_manifest(data)
+    full_tables = build_tables(manifest, config.model.embedding_dim)
+    if variant == "plain":
+        return Built(*build_plain(config, manifest, env), full_tables)
+    if variant in ("full", "full_parquet"):
+        trainer = Trainer(config, data, run_dir, env=env)
+        return Built(trainer.model, trainer.optimizer, full_tables, keep=trainer)
+    kind, _, name = variant.partition("_")
+    budget = config.search.budget
+    if kind == "search":
+        method = build_method(config, name, manifest)
+        if not getattr(method, "requires_search_training", True):
+            raise ValueError(f"{variant}: {name} has no search training (its plan is closed-form)")
+        tables = method.search_tables()
+        trainer = Trainer(config, data, run_dir, env=env,
+                          sparse_module_factory=lambda _t: method.build_search_module(
+                              EmbeddingBagCollection(tables=tables, device=torch.device("meta"))),
+                          aux_loss_fn=method.search_loss, extra_optimizers=method.extra_optimizers,
+                          excluded_dense_params=method.extra_parameters, phase="search")
+        context = TrainerSearchContext(trainer, manifest, data, budget, config.model.embedding_dim)
+        if hasattr(method, "init_search_state"):
+            method.init_search_state(trainer.sparse_module, context)
+        return Built(trainer.model, trainer.optimizer, tables, keep=(trainer, method, context))
+    if kind == "compact":
+        if name == "fixed":
+            method = build_method(config, "fixed", manifest)
+            plan = method.export_plan(None, TrainerSearchContext(None, manifest, data, budget,
+                                                                 config.model.embedding_dim))
+        elif name in state.get("plans", {}):
+            plan = state["plans"][name]
+        else:
+            raise ValueError(f"{variant}: no {name} plan; put search_{name} before it in --variants")
+        remapper = IdRemapper(plan)
+        trainer = Trainer(config, data, run_dir, env=env,
+                          sparse_module_factory=lambda _t: build_retrain_module(plan, device="meta"),
+                          feature_transform=remapper, phase="retrain")
+        state["fraction"] = plan.achieved_fraction()
+        tables = build_retrain_module(plan, device="meta").inner_configs()
+        return Built(trainer.model, trainer.optimizer, tables, transform=remapper, keep=trainer)
+    raise ValueError(f"unknown variant {variant!r}; choose from plain, full, search_<method>, compact_<method>")
+
+
+def export_plan(built: Built, env: Any) -> Any:
+    """The size plan of a trained search variant (``search_pme`` after its timed steps)."""
+    trainer, method, context = built.keep
+    if hasattr(method, "bind_model"):
+        method.bind_model(trainer.model)
+    return method.export_plan(trainer.sparse_module, context)
+
+
+# ---------------------------------------------------------------------------- timing
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Device-to-device copy rate in GB/s (read + write bytes), best of 5 copies of 2 GiB."""
+    if device.type != "cuda":
+        return None
+    n = (2 << 30) // 4
+    src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
+    best = float("inf")
+    for _ in range(6):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n * 4 / best / 1e9
+
+
+def time_steps(built: Built, batches: Any, env: Any, warmup: int, steps: int) -> tuple[float, float]:
+    """Mean pipelined step time (s) and this rank's peak memory (bytes; CPU: 0). ``batches``: a
+    list (cycled) or an endless iterator."""
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    built.model.train()
+    pipeline = TrainPipelineSparseDist(built.model, built.optimizer, env.device, execute_all_batches=True)
+    stream = itertools.cycle(batches) if isinstance(batches, list) else batches
+    cuda = env.device.type == "cuda"
+    for _ in range(warmup):
+        pipeline.progress(stream)
+    if cuda:
+        torch.cuda.synchronize(env.device)
+        torch.cuda.reset_peak_memory_stats(env.device)
+    torch.distributed.barrier()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        pipeline.progress(stream)
+    if cuda:
+        torch.cuda.synchronize(env.device)
+    elapsed = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(env.device) if cuda else 0
+    return elapsed / steps, float(peak)
+
+
+def parquet_stream(data: Path, batch_size: int, env: Any, num_workers: int) -> Any:
+    """Training batches from the on-disk dataset, epoch after epoch (as ``Trainer.fit`` reads them)."""
+    from trainer.data.reader import ParquetBatchReader
+
+    reader = ParquetBatchReader(data, "train", batch_size=batch_size, rank=env.rank, world_size=env.world_size,
+                                num_workers=num_workers, shuffle=True, seed=0,
+                                pin_memory=env.device.type == "cuda")
+    if len(reader) == 0:
+        raise ValueError(f"{data}: too few rows for one batch of {batch_size} per rank; raise --skeleton-rows")
+    epoch = 0
+    while True:
+        reader.set_epoch(epoch)
+        yield from reader
+        epoch += 1
+
+
+def _max_over_ranks(values: list[float], env: Any) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
+
+
+def worker(args: argparse.Namespace) -> None:
+    from trainer.data.manifest import load_manifest
+    from trainer.distributed import destroy, init_distributed
+
+    env = init_distributed()
+    data = Path(args.out) / "data"
+    manifest = load_manifest(data)
+    out = Path(args.out)
+    results_path = out / "results.jsonl"
+    bandwidth = copy_bandwidth(env.device)
+    host = {b: [make_features(manifest, b, seed=1000 * env.rank + i) for i in range(NUM_DISTINCT_BATCHES)]
+            for b in _ints(args.batch_sizes)}
+    for sharding in args.shardings.split(","):
+        if env.world_size == 1 and sharding != args.shardings.split(",")[0]:
+            continue  # one rank holds every table whole: all sharding types are the same placement
+        state: dict[str, Any] = {"plans": {}}
+        for variant in args.variants.split(","):
+            config = _config(args, sharding, args.budget)
+            run_dir = out / "runs" / f"p{env.world_size}_{sharding}_{variant}"
+            record: dict[str, Any] = {"nproc": env.world_size, "sharding": sharding, "variant": variant,
+                                      "dim": args.dim, "copy_gbps": bandwidth, "date": datetime.date.today().isoformat(),
+                                      "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
+                                      else "cpu"}
+            try:
+                t0 = time.perf_counter()
+                built = build_variant(variant, config, data, run_dir, env, state)
+                record["build_s"] = time.perf_counter() - t0
+                record["fraction"] = state.pop("fraction", None)
+            except Exception as e:  # recorded and skipped: one variant failing must not hide the others
+                _emit(results_path, env, {**record, "error": f"{type(e).__name__}: {e}"})
+                continue
+            for batch_size, feats in host.items():
+                row = dict(record, batch_size=batch_size)
+                try:
+                    remap_ms = None
+                    if variant == "full_parquet":
+                        batches = parquet_stream(data, batch_size, env, args.loader_workers)
+                        lookup = batch_size * len(manifest.sparse) * args.dim * 4.0
+                    elif built.transform is not None:
+                        t0 = time.perf_counter()
+                        transformed = [built.transform(f, batch_size) for f, _, _ in feats]
+                        remap_ms = (time.perf_counter() - t0) / len(feats) * 1e3
+                        batches = [to_batch(t, d, lab) for t, (_, d, lab) in zip(transformed, feats)]
+                    else:
+                        batches = [to_batch(f, d, lab) for f, d, lab in feats]
+                    if variant != "full_parquet":
+                        lookup = sum(built.lookup_bytes(b) for b in batches) / len(batches)
+                    step_s, peak, remap = _max_over_ranks([step_s_peak for step_s_peak in
+                                                           time_steps(built, batches, env, args.warmup, args.steps)]
+                                                          + [remap_ms or 0.0], env)
+                    # Per rank: the global lookups of one step are spread over the ranks' shards.
+                    row.update(step_ms=step_s * 1e3, samples_per_s=batch_size * env.world_size / step_s,
+                               peak_gib=peak / 2**30, remap_ms=remap if remap_ms is not None else None,
+                               emb_gbps=3 * lookup / step_s / 1e9)
+                except torch.cuda.OutOfMemoryError as e:
+                    row["error"] = f"OOM: {str(e).splitlines()[0]}"
+                    torch.cuda.empty_cache()
+                _emit(results_path, env, row)
+            if variant.startswith("search_") and f"compact_{variant[7:]}" in args.variants.split(","):
+                t0 = time.perf_counter()
+                state["plans"][variant[7:]] = export_plan(built, env)
+                _emit(results_path, env, {**record, "variant": f"export_{variant[7:]}",
+                                           "export_s": time.perf_counter() - t0,
+                                           "fraction": state["plans"][variant[7:]].achieved_fraction()})
+            del built
+            gc.collect()
+            if env.device.type == "cuda":
+                torch.cuda.empty_cache()
+    destroy()
+
+
+def _emit(path: Path, env: Any, row: dict) -> None:
+    if env.is_main:
+        with open(path, "a") as f:  # append-only log: a crash loses at most the row being written
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+# ---------------------------------------------------------------------------- driver
+def render(rows: list[dict]) -> str:
+    """Markdown: one line per (ranks, sharding, batch, variant) with its ratio to ``plain``."""
+    plain = {(r["nproc"], r["sharding"], r.get("batch_size")): r for r in rows
+             if r["variant"] == "plain" and "samples_per_s" in r}
+    lines = ["| GPUs | sharding | batch/GPU | variant | fraction | samples/s | step ms | x plain step | "
+             "peak GiB | emb GB/s | copy GB/s | remap ms |", "|" + "---|" * 12]
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        if r["variant"].startswith("export_"):
+            continue
+        ref = plain.get((r["nproc"], r["sharding"], r.get("batch_size")))
+        if "error" in r:
+            lines.append(f"| {r['nproc']} | {r['sharding']} | {r.get('batch_size', '')} | {r['variant']} | | "
+                         f"{r['error'][:120]} | | | | | | |")
+            continue
+        ratio = r["step_ms"] / ref["step_ms"] if ref else None
+        lines.append(f"| {r['nproc']} | {r['sharding']} | {r['batch_size']} | {r['variant']} | "
+                     f"{fmt(r.get('fraction'), '.3f')} | {r['samples_per_s']:,.0f} | {r['step_ms']:.2f} | "
+                     f"{fmt(ratio, '.2f')} | {r['peak_gib']:.1f} | {fmt(r.get('emb_gbps'), '.0f')} | "
+                     f"{fmt(r.get('copy_gbps'), '.0f')} | {fmt(r.get('remap_ms'), '.1f')} |")
+    exports = [r for r in rows if r["variant"].startswith("export_")]
+    for r in exports:
+        lines.append(f"\n{r['variant']} ({r['nproc']} GPUs, {r['sharding']}): {r['export_s']:.1f} s, "
+                     f"fraction {r['fraction']:.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    ensure_dataset(args)
+    print(f"dataset ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    results = out / "results.jsonl"
+    first = len(results.read_text().splitlines()) if results.exists() else 0
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--worker"]
+    for nproc in _ints(args.ranks):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "bench.bench_gpu", *passthrough, "--worker"]
+        code = subprocess.run(cmd, env=env, cwd=root).returncode
+        if code:
+            print(f"torchrun with {nproc} ranks exited {code}", flush=True)
+    rows = [json.loads(line) for line in results.read_text().splitlines()[first:]] if results.exists() else []
+    table = render(rows)
+    header = (f"Command: python -m bench.bench_gpu {' '.join(passthrough)}\n"
+              f"Date: {datetime.date.today().isoformat()}; torch {torch.__version__}\n\n")
+    from trainer.io import atomic_write_text
+
+    atomic_write_text(out / "bench_gpu.md", header + table)
+    print(header + table, flush=True)
+    return 0 if rows and not any("error" in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
