@@ -81,6 +81,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loader-workers", type=int, default=4, help="Parquet loader processes per rank (full_parquet)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--out", default="/tmp/embdim_bench_gpu")
+    p.add_argument("--render", nargs="+", metavar="RESULTS_JSONL",
+                   help="only print the tables of existing results.jsonl files (no run)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -442,8 +444,35 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_matrix(rows: list[dict]) -> str:
+    """Markdown: one line per (ranks, sharding, batch): plain TorchRec's samples/s and peak memory,
+    then every other variant's step time as a multiple of plain's (lower is better) and its peak."""
+    timed = [r for r in rows if "step_ms" in r]
+    variants = list(dict.fromkeys(r["variant"] for r in timed if r["variant"] != "plain"))
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in timed:
+        by_key.setdefault((r["nproc"], r["sharding"], r["batch_size"]), {})[r["variant"]] = r
+    head = ["GPUs", "sharding", "batch/GPU", "plain samples/s", "plain GiB", *[f"{v} x step (GiB)" for v in variants]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(by_key, key=lambda k: (k[1], k[0], k[2])):
+        cells = by_key[key]
+        plain = cells.get("plain")
+        row = [str(key[0]), key[1], str(key[2]), f"{plain['samples_per_s']:,.0f}" if plain else "",
+               f"{plain['peak_gib']:.1f}" if plain else ""]
+        for v in variants:
+            r = cells.get(v)
+            row.append(f"{r['step_ms'] / plain['step_ms']:.2f} ({r['peak_gib']:.1f})" if r and plain else "")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
+    if args.render:
+        rows = [json.loads(line) for path in args.render for line in Path(path).read_text().splitlines() if line]
+        print(render_matrix(rows))
+        print(render(rows))
+        return 0
     if args.worker:
         worker(args)
         return 0

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue #5's large synthetic quality run on one 4-GPU machine: 50M planted-truth rows, the
-# full-width baseline, then methods at 1/8 of its embedding parameters, 1 epoch each, one seed.
+# full-width baseline, then methods at 1/8 of its embedding parameters, 1 epoch each, one seed
+# (AMTL warm-started from that baseline).
 # Metrics are copied to ${OUT:-/tmp/embdim_quality}/<run>/ as each run ends.
 # Usage: bash bench/gpu_quality.sh [rows] [methods...]
 set -uo pipefail
@@ -21,7 +22,8 @@ $E launch --nproc-per-node 4 -- train --data $work/data --out $work/full "${S[@]
 mkdir -p "$out/full" && cp $work/full/metrics.json "$out/full/"
 echo "full done after $(( $(date +%s) - t0 )) s"
 for m in $methods; do
-  $E run --data $work/data --method $m --budget 0.125 --nproc-per-node 4 --out $work/$m "${S[@]}" > "$out/$m.log" 2>&1
+  warm=(); [ "$m" = amtl ] && warm=(--set search.init_from=$work/full)  # AMTL warm-starts from the baseline
+  $E run --data $work/data --method $m --budget 0.125 --nproc-per-node 4 --out $work/$m "${S[@]}" "${warm[@]}" > "$out/$m.log" 2>&1
   mkdir -p "$out/$m/retrain"
   cp $work/$m/plan.json $work/$m/metrics.json $work/$m/run_state.json "$out/$m/" 2>/dev/null
   cp $work/$m/retrain/metrics.json "$out/$m/retrain/" 2>/dev/null
