@@ -187,9 +187,10 @@ def build_plain(config: Any, manifest: Any, env: Any) -> tuple[Any, Any]:
                                                          local_world_size=env.local_world_size,
                                                          hbm_cap=device_memory(env.device)),
                                        constraints=constraints)
-    plan = planner.collective_plan(model, get_sharders(), env.pg)
+    sharders = get_sharders(config.sharding.comm_precision)
+    plan = planner.collective_plan(model, sharders, env.pg)
     dmp = DistributedModelParallel(module=model, env=ShardingEnv.from_process_group(env.pg), device=env.device,
-                                   plan=plan, sharders=get_sharders())
+                                   plan=plan, sharders=sharders)
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     optimizer = CombinedOptimizer([dmp.fused_optimizer, KeyedOptimizerWrapper(
         dense, lambda ps: torch.optim.Adam(ps, lr=config.optim.dense_lr))])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark tables of BENCHMARKS.md, one section per argument (each fits one 10-minute
 # device call on 4 H200s). Results land in ${OUT:-/tmp/embdim_gpu}/<section>/ (bench_gpu.md,
-# results.jsonl, log). Usage: bash bench/gpu_suite.sh tw|rw|scale|parquet ...
+# results.jsonl, log). Usage: bash bench/gpu_suite.sh tw|rw|scale|parquet|bf16comm ...
 set -uo pipefail
 out=${OUT:-/tmp/embdim_gpu}
 common=(--dim 128 --set optim.sparse_optimizer=rowwise_adagrad --set mlet.inner_dim=256 --set pme.saliency_batches=4)
@@ -21,7 +21,10 @@ for section in "$@"; do
     # Parquet streaming against memory, 2 GPUs, the same model and tables.
     parquet) args=(--ranks 2 --shardings table_wise --rows-per-table 1000000 --batch-sizes 16384,65536
                    --variants full,full_parquet --warmup 3 --steps 30 --skeleton-rows 8000000 --loader-workers 6) ;;
-    *) echo "unknown section $section (tw, rw, scale, parquet)" >&2; exit 2 ;;
+    # Weak scaling with the embedding all-to-all in bf16 (sharding.comm_precision), against fp32 above.
+    bf16comm) args=(--ranks 1,2,4 --shardings table_wise --rows-per-table 1000000 --batch-sizes 65536,131072
+                    --variants plain,full --warmup 3 --steps 15 --set sharding.comm_precision=bf16) ;;
+    *) echo "unknown section $section (tw, rw, scale, parquet, bf16comm)" >&2; exit 2 ;;
   esac
   python -m bench.bench_gpu "${args[@]}" "${common[@]}" --out "$out/$section" > "$out/$section/log" 2>&1
   echo "== $section: exit $?"

@@ -65,9 +65,26 @@ class RowWiseEmbeddingCollectionSharder(EmbeddingCollectionSharder):
         return types + ([ShardingType.ROW_WISE.value] if ShardingType.ROW_WISE.value not in types else [])
 
 
-def get_sharders() -> list[ModuleSharder[nn.Module]]:
-    """TorchRec's default sharders with the EBC / EC ones replaced by the row-wise-capable twins."""
-    ours: list[ModuleSharder[nn.Module]] = [RowWiseEmbeddingBagCollectionSharder(), RowWiseEmbeddingCollectionSharder()]
+COMM_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def get_sharders(comm_precision: str = "fp32") -> list[ModuleSharder[nn.Module]]:
+    """TorchRec's default sharders with the EBC / EC ones replaced by the row-wise-capable twins.
+
+    ``comm_precision`` other than fp32 sends the embedding all-to-all / reduce-scatter (forward
+    outputs and backward gradients) in half precision through TorchRec's quantized comms codecs:
+    half the bytes of the step's largest communication (BENCHMARKS.md, weak scaling).
+    """
+    if comm_precision not in COMM_PRECISIONS:
+        raise ConfigError(f"sharding.comm_precision: unknown {comm_precision!r}; choose from {list(COMM_PRECISIONS)}")
+    registry = None
+    if comm_precision != "fp32":
+        from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
+
+        kind = CommType.FP16 if comm_precision == "fp16" else CommType.BF16
+        registry = get_qcomm_codecs_registry(QCommsConfig(forward_precision=kind, backward_precision=kind))
+    ours: list[ModuleSharder[nn.Module]] = [RowWiseEmbeddingBagCollectionSharder(qcomm_codecs_registry=registry),
+                                            RowWiseEmbeddingCollectionSharder(qcomm_codecs_registry=registry)]
     replaced = {EmbeddingBagCollection, EmbeddingCollection}
     return ours + [s for s in get_default_sharders() if s.module_type not in replaced]
 
@@ -160,7 +177,7 @@ def plan_model(model: nn.Module, env: DistEnv, config: Config) -> ShardingPlan:
         constraints=build_constraints(model, config.sharding, env.device.type),
         debug=False,
     )
-    return planner.collective_plan(model, get_sharders(), env.pg)
+    return planner.collective_plan(model, get_sharders(config.sharding.comm_precision), env.pg)
 
 
 def shard_model(model: nn.Module, env: DistEnv, config: Config) -> DistributedModelParallel:
@@ -186,7 +203,7 @@ def shard_model(model: nn.Module, env: DistEnv, config: Config) -> DistributedMo
         env=ShardingEnv.from_process_group(env.pg),
         device=env.device,
         plan=plan,
-        sharders=get_sharders(),
+        sharders=get_sharders(config.sharding.comm_precision),
     )
 
 

@@ -167,10 +167,15 @@ class ShardingConfig:
     """Force one sharding type for every table, or "auto" to let the TorchRec planner choose."""
     compute_kernel: str = "fused"
     """Embedding compute kernel: "fused" (TBE in HBM / host memory) or "fused_uvm_caching" (GPU)."""
+    comm_precision: str = "fp32"
+    """Precision of the embedding all-to-all / reduce-scatter between ranks, forward and backward:
+    "fp32", or "fp16" / "bf16" (TorchRec's quantized comms: half the bytes, rounded values)."""
 
     def __post_init__(self) -> None:
         _check(self.sharding_type in SHARDING_TYPES, "sharding.sharding_type",
                f"unknown {self.sharding_type!r}; choose from {list(SHARDING_TYPES)}")
+        _check(self.comm_precision in ("fp32", "fp16", "bf16"), "sharding.comm_precision",
+               f"unknown {self.comm_precision!r}; choose from ['fp32', 'fp16', 'bf16']")
         _check(self.compute_kernel in ("fused", "fused_uvm_caching"), "sharding.compute_kernel",
                f"unknown {self.compute_kernel!r}; choose from ['fused', 'fused_uvm_caching']")
 
