@@ -48,7 +48,6 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -72,7 +71,8 @@ def straight_through_one_hot(probs: torch.Tensor) -> torch.Tensor:
     Written as ``onehot + (p - stopgrad(p))``, the paper's ``p + stopgrad(onehot - p)`` rearranged
     so that the forward value is exactly 0/1 in floating point.
     """
-    hard = F.one_hot(probs.argmax(dim=-1), probs.shape[-1]).to(probs.dtype)
+    # scatter_ rather than F.one_hot, which checks the class range with two host reads off CUDA.
+    hard = torch.zeros_like(probs).scatter_(-1, probs.argmax(dim=-1, keepdim=True), 1.0)
     return hard + (probs - probs.detach())
 
 
@@ -87,38 +87,55 @@ def cumulative_width_mask(choice: torch.Tensor, width_step: int = 4) -> torch.Te
     return per_block.repeat_interleave(width_step, dim=-1)
 
 
-class _ChoiceHead(nn.Linear):
-    """Output layer of a mask MLP: zero weight, bias ``INITIAL_LOGIT`` on the initial choice.
+class _CumulativeMaskedRows(torch.autograd.Function):
+    """``rows * cumulative_width_mask(straight_through_one_hot(probs))`` in one step.
 
-    Its own ``reset_parameters`` (which DMP calls when it materialises meta parameters) re-applies
-    this init.
+    ``rows`` ``[..., D]``, ``probs`` ``[..., K]`` with ``D = K * width_step``. The forward keeps the
+    first ``width_step * (argmax + 1)`` dims of every row; the backward gives exactly the gradients
+    of the composed formula: ``g * mask`` to the rows and, to the probabilities (the one-hot's
+    straight-through gradient is the identity), ``cumsum_k(sum over block k of g * rows)`` (the
+    right-to-left cumulative mask's backward). Nothing ``[..., D]``-sized is built besides the
+    output and the row gradient: no float mask, no one-hot, no flipped copies, and three kernels
+    instead of about twelve.
     """
 
-    def __init__(self, in_features: int, num_choices: int, initial_choice: int, device: torch.device | None) -> None:
-        self.initial_choice = initial_choice
-        super().__init__(in_features, num_choices, device=device)
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, probs: torch.Tensor, width_step: int) -> torch.Tensor:
+        num_choices = probs.shape[-1]
+        keep = torch.arange(num_choices, device=probs.device) <= probs.argmax(dim=-1, keepdim=True)  # [..., K]
+        ctx.save_for_backward(rows, keep)
+        ctx.width_step = width_step
+        blocks = rows.unflatten(-1, (num_choices, width_step))
+        return (blocks * keep.unsqueeze(-1)).flatten(-2)
 
-    def reset_parameters(self) -> None:
-        if self.weight.is_meta:
-            return
-        with torch.no_grad():
-            self.weight.zero_()
-            self.bias.zero_()
-            self.bias[self.initial_choice] = INITIAL_LOGIT
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        rows, keep = ctx.saved_tensors
+        shape = (keep.shape[-1], ctx.width_step)
+        grad_blocks = grad.unflatten(-1, shape)
+        grad_rows = (grad_blocks * keep.unsqueeze(-1)).flatten(-2) if ctx.needs_input_grad[0] else None
+        grad_probs = None
+        if ctx.needs_input_grad[1]:
+            grad_probs = (grad_blocks * rows.unflatten(-1, shape)).sum(-1).cumsum(-1)
+        return grad_rows, grad_probs, None
 
 
-def _mlp(hidden_sizes: list[int], num_choices: int, initial_choice: int, device: torch.device | None) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    width = NUM_SIDE_FEATURES
-    for h in hidden_sizes:
-        layers += [nn.Linear(width, h, device=device), nn.ReLU()]
-        width = h
-    layers.append(_ChoiceHead(width, num_choices, initial_choice, device))
-    return nn.Sequential(*layers)
+def masked_rows(rows: torch.Tensor, probs: torch.Tensor, width_step: int = 4) -> torch.Tensor:
+    """``rows * cumulative_width_mask(straight_through_one_hot(probs), width_step)`` (values and
+    gradients), computed by ``_CumulativeMaskedRows``."""
+    return _CumulativeMaskedRows.apply(rows, probs, width_step)
 
 
 class AMTLMaskNet(nn.Module):
     """The twin mask networks of every field (the ``mask_fn`` of ``MaskAwareEmbedding``).
+
+    The 2 x F small MLPs (h-AML and l-AML of every field) are stored stacked and evaluated as one
+    batched GEMM per layer: every parameter is ``[2, F, ...]``, index 0 of the first dim the
+    h-AML, 1 the l-AML, the second dim the field. Layer j has ``weight_j`` ``[2, F, out, in]``
+    (``nn.Linear``'s layout) and ``bias_j`` ``[2, F, out]``; the last layer is the choice head,
+    initialised to a zero weight and a bias of ``INITIAL_LOGIT`` on the initial width.
+    ``reset_parameters`` draws the hidden layers exactly as the ``nn.Linear`` modules of a
+    per-field ``ModuleList`` would, in the same order (h-AML of every field, then l-AML).
 
     Args:
         fields (list[FieldSpec]): the sparse fields (one h-AML / l-AML pair each).
@@ -139,36 +156,106 @@ class AMTLMaskNet(nn.Module):
         self.temperature = temperature
         self.field_index = {f.name: i for i, f in enumerate(fields)}
         self.num_embeddings = [f.num_embeddings for f in fields]
-        choice = int(np.flatnonzero(self.widths == initial_width)[0])
-        # Keys by position: field names may hold characters a module name forbids.
-        self.h_aml = nn.ModuleList(_mlp(hidden_sizes, len(self.widths), choice, device) for _ in fields)
-        self.l_aml = nn.ModuleList(_mlp(hidden_sizes, len(self.widths), choice, device) for _ in fields)
+        self.initial_choice = int(np.flatnonzero(self.widths == initial_width)[0])
+        sizes = [NUM_SIDE_FEATURES, *hidden_sizes, len(self.widths)]
+        self.num_layers = len(sizes) - 1
+        for j, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+            shape = (2, len(fields), n_out, n_in)
+            self.register_parameter(f"weight_{j}", nn.Parameter(torch.empty(shape, device=device)))
+            self.register_parameter(f"bias_{j}", nn.Parameter(torch.empty(2, len(fields), n_out, device=device)))
+        self.reset_parameters()
         # Distinct side rows of each field and how many ids have them (``set_count_profiles``);
         # host arrays, moved to the parameters' device on first use (not buffers: DMP would
         # materialise meta buffers as zeros, and they are recomputed from the counts anyway).
         self._profiles: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(fields)
-        self._profiles_on: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._profiles_on: dict[torch.device, tuple[list, torch.Tensor]] = {}
+        self._index_on: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+    def reset_parameters(self) -> None:
+        """Hidden layers as ``nn.Linear.reset_parameters`` (Kaiming-uniform weight, uniform bias),
+        drawn per net and field in the old module order; the head as described in the class doc."""
+        if self.weight_0.is_meta:
+            return
+        with torch.no_grad():
+            for net in range(2):
+                for f in range(self.weight_0.shape[1]):
+                    for j in range(self.num_layers - 1):
+                        weight, bias = getattr(self, f"weight_{j}")[net, f], getattr(self, f"bias_{j}")[net, f]
+                        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+                        bound = 1 / math.sqrt(weight.shape[1]) if weight.shape[1] > 0 else 0
+                        nn.init.uniform_(bias, -bound, bound)
+            last = self.num_layers - 1
+            head, head_bias = getattr(self, f"weight_{last}"), getattr(self, f"bias_{last}")
+            head.zero_()
+            head_bias.zero_()
+            head_bias[..., self.initial_choice] = INITIAL_LOGIT
+
+    def _layers(self, fields: list[int], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(weight [2P, out, in], bias [2P, out])`` of every layer for the fields ``fields``."""
+        everything = len(fields) == self.weight_0.shape[1] and fields == list(range(len(fields)))
+        index = None
+        if not everything:
+            key = (tuple(fields), device)
+            if key not in self._index_on:  # made once: a per-step host-to-device copy would sync
+                self._index_on[key] = torch.tensor(fields, dtype=torch.long, device=device)
+            index = self._index_on[key]
+        layers = []
+        for j in range(self.num_layers):
+            weight, bias = getattr(self, f"weight_{j}"), getattr(self, f"bias_{j}")
+            if index is not None:
+                weight, bias = weight.index_select(1, index), bias.index_select(1, index)
+            layers.append((weight.flatten(0, 1), bias.flatten(0, 1)))
+        return layers
+
+    def _twin_logits(self, fields: list[int], side: torch.Tensor) -> torch.Tensor:
+        """``alpha * MLP_h(s) + (1 - alpha) * MLP_l(s)`` ``[P, N, K]`` of side rows ``[P, N, 4]``
+        (N rows of each of the P fields ``fields``): one ``baddbmm`` per layer for all 2P MLPs."""
+        num, rows = side.shape[0], side.shape[1]
+        s = side[..., :NUM_SIDE_FEATURES]
+        x = s.unsqueeze(0).expand(2, num, rows, NUM_SIDE_FEATURES).reshape(2 * num, rows, NUM_SIDE_FEATURES)
+        layers = self._layers(fields, side.device)
+        for j, (weight, bias) in enumerate(layers):
+            x = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+            if j < len(layers) - 1:
+                x = torch.relu(x)
+        h, l = x.view(2, num, rows, x.shape[-1]).unbind(0)
+        alpha = side[..., 2:3]
+        return alpha * h + (1 - alpha) * l
 
     def logits(self, field_name: str, side: torch.Tensor) -> torch.Tensor:
         """``h = alpha * MLP_h(s) + (1 - alpha) * MLP_l(s)`` ``[L, K]`` from side rows ``[L, 4]``."""
-        i = self.field_index[field_name]
-        s = side[:, :NUM_SIDE_FEATURES]
-        alpha = side[:, 2:3]
-        return alpha * self.h_aml[i](s) + (1 - alpha) * self.l_aml[i](s)
+        return self._twin_logits([self.field_index[field_name]], side.unsqueeze(0))[0]
 
     def probs(self, field_name: str, side: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits(field_name, side) / self.temperature, dim=-1)
+        return self._softmax(self.logits(field_name, side))
+
+    def _softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """``softmax(logits / T)``; at T = 1 without the division (x / 1 == x: one pass less)."""
+        return torch.softmax(logits if self.temperature == 1 else logits / self.temperature, dim=-1)
 
     def forward(self, field_name: str, rows: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         choice = straight_through_one_hot(self.probs(field_name, side.to(self._device())))
         return cumulative_width_mask(choice).to(rows.dtype)
+
+    def mask_rows(self, field_names: list[str], rows: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        """The masked rows ``rows * forward(field, rows, side)`` of P fields at once.
+
+        Args:
+            field_names: the P fields, in the order of ``rows``' second dim.
+            rows: ``[N, P, D]`` looked-up rows.
+            side: ``[N, P, 4]`` their side rows.
+        """
+        fields = [self.field_index[n] for n in field_names]
+        logits = self._twin_logits(fields, side.to(self._device()).transpose(0, 1))  # [P, N, K]
+        probs = self._softmax(logits).transpose(0, 1)
+        return masked_rows(rows, probs.to(rows.dtype), self.embedding_dim // len(self.widths))
 
     def choices(self, field_name: str, side: torch.Tensor) -> torch.Tensor:
         """Index of the argmax width per row (the export rule; T does not change the argmax)."""
         return self.logits(field_name, side).argmax(dim=-1)
 
     def _device(self) -> torch.device:
-        return self.h_aml[0][-1].bias.device
+        return self.weight_0.device
 
     def set_count_profiles(self, counts: Mapping[str, np.ndarray]) -> None:
         """Stores the distinct counts of every field with their multiplicities (for the penalty)."""
@@ -178,21 +265,62 @@ class AMTLMaskNet(nn.Module):
         self._profiles_on.clear()
 
     def expected_param_fraction(self) -> torch.Tensor:
-        """``sum_i E_p[width_i] / (N * D)`` over every row of every table (differentiable)."""
+        """``sum_i E_p[width_i] / (N * D)`` over every row of every table (differentiable).
+
+        Fields are evaluated together (one batched pass per bucket of fields, ``_profile_buckets``):
+        the distinct side rows of a bucket's fields padded to its longest field's with copies of a
+        field's first row at multiplicity 0 (they add exactly 0).
+        """
         if any(p is None for p in self._profiles):
             raise RuntimeError("AMTL: count profiles are missing; call AMTL.init_search_state(module, context) "
                                "after sharding")
         device = self._device()
         if device not in self._profiles_on:
-            self._profiles_on[device] = [(torch.from_numpy(rows).to(device), torch.from_numpy(mult).to(device))
-                                         for rows, mult in self._profiles]  # type: ignore[misc]
-        widths = torch.as_tensor(self.widths, dtype=torch.float32, device=device)
-        total = torch.zeros((), device=device)
-        for name, i in self.field_index.items():
-            rows, mult = self._profiles_on[device][i]
-            expected_width = self.probs(name, rows) @ widths  # [U]
-            total = total + (mult.to(expected_width.dtype) * expected_width).sum()
+            # Moved once: a host-to-device copy every step (as the per-step ``as_tensor(widths)``
+            # was) blocks the host until the GPU has caught up.
+            self._profiles_on[device] = (
+                [(fields, torch.from_numpy(rows).to(device), torch.from_numpy(mult).to(device))
+                 for fields, rows, mult in self._profile_buckets()],
+                torch.as_tensor(self.widths, dtype=torch.float32, device=device))
+        buckets, widths = self._profiles_on[device]
+        total = None
+        for fields, rows, mult in buckets:
+            probs = self._softmax(self._twin_logits(fields, rows))
+            expected_width = probs @ widths  # [P, U]
+            part = (mult * expected_width).sum()
+            total = part if total is None else total + part
         return total / (sum(self.num_embeddings) * self.embedding_dim)
+
+    def _profile_buckets(self, max_padding: float = 1.5) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+        """``(fields, rows [P, U, 4], multiplicities [P, U] float32)`` per bucket of fields.
+
+        Fields sorted by their number of distinct counts are cut into buckets whose padded size
+        stays within ``max_padding`` times their real size, so that one field with many distinct
+        counts does not make every other field pad to it (usually a single bucket).
+        """
+        order = sorted(range(len(self._profiles)), key=lambda i: len(self._profiles[i][1]))  # type: ignore[index]
+        groups: list[list[int]] = []
+        for i in order:
+            if groups:
+                group = groups[-1] + [i]
+                real = sum(len(self._profiles[j][1]) for j in group)  # type: ignore[index]
+                if len(group) * len(self._profiles[i][1]) <= max_padding * real:  # type: ignore[index]
+                    groups[-1] = group
+                    continue
+            groups.append([i])
+        buckets = []
+        for group in groups:
+            group.sort()
+            longest = max(len(self._profiles[i][1]) for i in group)  # type: ignore[index]
+            width = self._profiles[group[0]][0].shape[1]  # type: ignore[index]
+            rows = np.zeros((len(group), longest, width), dtype=np.float32)
+            mult = np.zeros((len(group), longest), dtype=np.float32)
+            for k, i in enumerate(group):
+                r, m = self._profiles[i]  # type: ignore[misc]
+                rows[k, :len(m)], rows[k, len(m):] = r, r[0]
+                mult[k, :len(m)] = m  # float64 -> float32, as the per-field cast did
+            buckets.append((group, rows, mult))
+        return buckets
 
 
 def _check(ok: bool, key: str, message: str, value: Any) -> None:

@@ -16,18 +16,25 @@ and a row's side data sits on the shard that owns that row of the side table):
     instead of L (design-notes.md). Multi-hot fields always go through ``ec``.
 ``ec`` (optional)
     The unpooled full-width table of every other field.
-``side`` (optional, width 4)
+``side`` / ``side_pooled`` (optional, width 4)
     Frozen per-id side features (``side_table_rows``), e.g. AMTL's frequency input. Not trained:
     its output is detached, so no gradient ever reaches its TBE and its fused optimizer (plain SGD,
     lr 0, attached here so that the sharder finds exactly one) never runs. That is cleaner than
     relying on lr 0 alone: the values cannot drift whatever optimizer the table ends up with.
-``acc`` (optional, width D)
+``acc`` / ``acc_pooled`` (optional, width D)
     A saliency accumulator with the main table's rows (design-notes.md, "Accumulators that are
     updated from gradients"): zeroed, looked up, and given the gradient ``-|e * dL/de|`` by
     ``SaliencyTap``; its fused optimizer is plain SGD with lr 1, so ``acc -= lr * grad`` adds the
     saliency into the rows, repeated ids summed by the TBE backward. The design note adds
     ``-(acc_out * saliency.detach()).sum()`` to the loss; ``dL/de`` is unknown at forward time,
     so the tap produces the same gradient directly in its backward instead.
+
+``side`` and ``acc`` are ``EmbeddingCollection``s over the unpooled fields; ``side_pooled`` and
+``acc_pooled`` are ``EmbeddingBagCollection``s over the pooled single-hot fields (one id per bag:
+the pooled vector is the row and its gradient the row's), so that all P pooled fields are tapped
+and masked at once on ``[B, P, width]`` views of the three EBC outputs, without per-field loops
+or copies (GPU steps are launch-bound at small batches and memory-bound at large ones). Every
+table keeps its name (``side_<field>``, ``acc_<field>``) whichever collection holds it.
 
 Pooling is a segment sum over each bag: ``torch.segment_reduce(..., "sum", lengths=...)`` (CPU and
 CUDA kernels with autograd), falling back to ``index_add`` over ``repeat_interleave(lengths)``.
@@ -157,20 +164,23 @@ class SaliencyTap(torch.autograd.Function):
       optimizer the trainer offers moves a row by an amount proportional to its gradient, except
       Adam with momentum left over from earlier steps).
 
-    ``active`` and ``pass_grad`` are 0-dim tensors, so gating needs no host sync.
+    ``active`` and ``pass_grad`` are 0-dim tensors, so gating needs no host sync; ``pass_grad``
+    None passes the gradient through untouched (no multiply by a constant 1). Rows of any shape
+    ``[..., D]`` (one field ``[L, D]`` or P single-hot fields ``[B, P, D]`` at once).
     """
 
     @staticmethod
     def forward(ctx: Any, rows: torch.Tensor, acc_rows: torch.Tensor, active: torch.Tensor,
-                pass_grad: torch.Tensor) -> torch.Tensor:
+                pass_grad: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(rows, active, pass_grad)
         return rows.view_as(rows)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         rows, active, pass_grad = ctx.saved_tensors
-        saliency = (rows.detach() * grad).abs()
-        return grad * pass_grad.to(grad.dtype), -saliency * active.to(grad.dtype), None, None
+        # -|rows * g| * active, with two in-place passes instead of abs, neg and mul (-x * a == x * -a).
+        saliency = (rows.detach() * grad).abs_().mul_(-active.to(grad.dtype))
+        return grad if pass_grad is None else grad * pass_grad.to(grad.dtype), saliency, None, None
 
 
 _segment_reduce_ok: dict[tuple[str, torch.dtype], bool] = {}
@@ -260,15 +270,26 @@ class MaskAwareEmbedding(nn.Module):
                 [EmbeddingConfig(name=name_fn(n), num_embeddings=by_name[n].num_embeddings, embedding_dim=width,
                                  feature_names=[n]) for n in field_names], device=device)
 
-        self.ec = ec(embedding_dim, main_table_name, self.unpooled_names) if self.unpooled_names else None
-        self.side = ec(SIDE_WIDTH, side_table_name, names) if use_side else None
-        self.acc = ec(embedding_dim, acc_table_name, names) if use_saliency else None
+        def ebc_of(width: int, name_fn: Callable[[str], str], field_names: list[str]) -> EmbeddingBagCollection:
+            return EmbeddingBagCollection(
+                [EmbeddingBagConfig(name=name_fn(n), num_embeddings=by_name[n].num_embeddings, embedding_dim=width,
+                                    feature_names=[n]) for n in field_names], device=device)
+
+        self.use_side, self.use_saliency = use_side, use_saliency
+        unpooled, pooled = self.unpooled_names, self.pooled_names
+        self.ec = ec(embedding_dim, main_table_name, unpooled) if unpooled else None
+        # Side and accumulator tables of the unpooled fields (an EC each) and of the pooled
+        # single-hot ones (an EBC each: one id per bag, so its pooled vector is the row, and the
+        # outputs come as one [B, P * width] tensor, aligned with the main EBC's without copies).
+        self.side = ec(SIDE_WIDTH, side_table_name, unpooled) if use_side and unpooled else None
+        self.acc = ec(embedding_dim, acc_table_name, unpooled) if use_saliency and unpooled else None
+        self.side_pooled = ebc_of(SIDE_WIDTH, side_table_name, pooled) if use_side and pooled else None
+        self.acc_pooled = ebc_of(embedding_dim, acc_table_name, pooled) if use_saliency and pooled else None
         # Exactly one fused optimizer per table parameter (the sharder asserts it). lr 0 on the
         # side table is a second guard on top of the detached output.
-        if self.side is not None:
-            apply_optimizer_in_backward(torch.optim.SGD, self.side.parameters(), {"lr": 0.0})
-        if self.acc is not None:
-            apply_optimizer_in_backward(torch.optim.SGD, self.acc.parameters(), {"lr": 1.0})
+        for child, lr in ((self.side, 0.0), (self.side_pooled, 0.0), (self.acc, 1.0), (self.acc_pooled, 1.0)):
+            if child is not None:
+                apply_optimizer_in_backward(torch.optim.SGD, child.parameters(), {"lr": lr})
         # A module mask is a registered child (its parameters are dense and DDP-replicated); a plain
         # callable is kept outside the module tree. Either way it is reached as ``mask_fn``.
         if isinstance(mask_fn, nn.Module):
@@ -281,6 +302,7 @@ class MaskAwareEmbedding(nn.Module):
         self.register_buffer("side_filled", torch.zeros((), dtype=torch.int64, device=device))
         """1 once ``fill_side_tables`` ran (checked once, on the first forward)."""
         self._side_checked = False
+        self._order_index: dict[tuple, torch.Tensor] = {}
 
     @property
     def mask_fn(self) -> MaskFn | None:
@@ -305,39 +327,95 @@ class MaskAwareEmbedding(nn.Module):
         ec_out = self.ec(features) if self.ec is not None else None
         side_out = self.side(features) if self.side is not None else None
         acc_out = self.acc(features) if self.acc is not None else None
-        return _mask_and_pool(self, ebc_out, ec_out, side_out, acc_out)
+        side_pooled_out = self.side_pooled(features) if self.side_pooled is not None else None
+        acc_pooled_out = self.acc_pooled(features) if self.acc_pooled is not None else None
+        return _mask_and_pool(self, ebc_out, ec_out, side_out, acc_out, side_pooled_out, acc_pooled_out)
 
-    def mask_and_pool(self, ebc_out: Any, ec_out: Any, side_out: Any, acc_out: Any) -> KeyedTensor:
-        """Taps, masks and pools the lookups of one batch (see the module docstring)."""
-        if side_out is not None and not self._side_checked:
+    def mask_and_pool(self, ebc_out: Any, ec_out: Any, side_out: Any, acc_out: Any, side_pooled_out: Any = None,
+                      acc_pooled_out: Any = None) -> KeyedTensor:
+        """Taps, masks and pools the lookups of one batch (see the module docstring).
+
+        The pooled single-hot fields go together: their rows, side rows and accumulator rows are
+        ``[B, P, width]`` views of the EBC outputs (reordered only where a sharded collection
+        returned its keys in another order), tapped and masked in one pass each, and the output is
+        a view of the result when no unpooled field needs concatenating. Unpooled fields go one by
+        one (their bags have any number of ids), as ``[L, 1, width]``.
+        """
+        if self.use_side and not self._side_checked:
             if int(self.side_filled) != 1:
                 raise RuntimeError("MaskAwareEmbedding: the side table was never filled; the trainer must call "
                                    "the method's init_search_state(module, context) after sharding")
             self._side_checked = True
-        pooled_rows = ebc_out.to_dict() if ebc_out is not None else {}
         active = pass_grad = None
-        if acc_out is not None:
+        if self.use_saliency:
             steps = self.num_steps
             active = ((steps >= self.saliency_start) & (steps < self.saliency_stop)) & self.training
-            pass_grad = steps < self.freeze_tables_from if self.freeze_tables_from >= 0 else torch.ones_like(active)
-        outputs = []
-        for name in self.feature_names:
-            if name in pooled_rows:
-                rows, lengths = pooled_rows[name], None  # single-hot: the bag is its only row
-            else:
-                jt = ec_out[name]
-                rows, lengths = jt.values(), jt.lengths()
-            if acc_out is not None:
-                rows = SaliencyTap.apply(rows, acc_out[name].values(), active, pass_grad)
-            if self.mask_fn is not None:
-                side = side_out[name].values().detach() if side_out is not None else rows.new_zeros(rows.shape[0], SIDE_WIDTH)
-                rows = rows * self.mask_fn(name, rows, side)
-            outputs.append(rows if lengths is None else segment_sum(rows, lengths))
+            pass_grad = steps < self.freeze_tables_from if self.freeze_tables_from >= 0 else None
+        dim = self.embedding_dim
+        pooled, pooled_keys = None, []
+        if ebc_out is not None:
+            pooled_keys = list(ebc_out.keys())
+            pooled = self._aligned(ebc_out, pooled_keys, dim)
+            acc = self._aligned(acc_pooled_out, pooled_keys, dim) if acc_pooled_out is not None else None
+            side = self._aligned(side_pooled_out, pooled_keys, SIDE_WIDTH) if side_pooled_out is not None else None
+            pooled = self._tap_and_mask(pooled_keys, pooled, acc, side, active, pass_grad)
+        outputs = {}
+        for name in self.unpooled_names:
+            jt = ec_out[name]
+            acc = acc_out[name].values().unsqueeze(1) if acc_out is not None else None
+            side = side_out[name].values().unsqueeze(1) if side_out is not None else None
+            rows = self._tap_and_mask([name], jt.values().unsqueeze(1), acc, side, active, pass_grad)
+            outputs[name] = segment_sum(rows.squeeze(1), jt.lengths())
         if self.training:
             with torch.no_grad():
                 self.num_steps += 1
-        return KeyedTensor(keys=list(self.feature_names), length_per_key=[self.embedding_dim] * len(outputs),
-                           values=torch.cat(outputs, dim=1))
+        names = list(self.feature_names)
+        if pooled is not None and pooled_keys == names:
+            values = pooled.reshape(pooled.shape[0], len(names) * dim)  # a view: no copy
+        else:
+            position = {n: j for j, n in enumerate(pooled_keys)}
+            values = torch.cat([pooled[:, position[n]] if n in position else outputs[n] for n in names], dim=1)
+        return KeyedTensor(keys=names, length_per_key=[dim] * len(names), values=values)
+
+    def _aligned(self, kt: KeyedTensor, keys: list[str], width: int) -> torch.Tensor:
+        """``[B, P, width]`` rows of a pooled collection's output, in the order ``keys``: a view, or
+        one gather when the collection returned its keys in another order."""
+        own = list(kt.keys())
+        values = kt.values()
+        if sorted(own) != sorted(keys) or set(kt.length_per_key()) != {width}:
+            raise ValueError(f"MaskAwareEmbedding: a pooled lookup returned keys {own} of widths "
+                             f"{kt.length_per_key()}, expected {keys} at width {width}")
+        rows = values.reshape(values.shape[0], len(own), width)
+        if own == keys:
+            return rows
+        cache_key = (tuple(own), tuple(keys), values.device)
+        index = self._order_index.get(cache_key)
+        if index is None:  # made once: a host-to-device copy every step would synchronise
+            position = {n: j for j, n in enumerate(own)}
+            index = torch.tensor([position[n] for n in keys], dtype=torch.long, device=values.device)
+            self._order_index[cache_key] = index
+        return rows.index_select(1, index)
+
+    def _tap_and_mask(self, names: list[str], rows: torch.Tensor, acc: torch.Tensor | None,
+                      side: torch.Tensor | None, active: torch.Tensor | None,
+                      pass_grad: torch.Tensor | None) -> torch.Tensor:
+        """Saliency tap and mask on ``rows`` ``[N, P, D]`` of the P fields ``names``, with their
+        accumulator rows ``[N, P, D]`` and side rows ``[N, P, 4]`` (N = B for pooled single-hot
+        fields, the L looked-up ids of one unpooled field otherwise)."""
+        if acc is not None:
+            if acc.shape != rows.shape:
+                raise ValueError(f"MaskAwareEmbedding: fields {names}: {tuple(rows.shape)} looked-up rows but "
+                                 f"{tuple(acc.shape)} accumulator rows (a single-hot field needs one id per bag)")
+            rows = SaliencyTap.apply(rows, acc, active, pass_grad)
+        mask_fn = self.mask_fn
+        if mask_fn is not None:
+            side = side.detach() if side is not None else rows.new_zeros(rows.shape[0], rows.shape[1], SIDE_WIDTH)
+            if hasattr(mask_fn, "mask_rows"):  # all P fields in one call (AMTLMaskNet)
+                rows = mask_fn.mask_rows(names, rows, side)
+            else:
+                masked = [rows[:, j] * mask_fn(n, rows[:, j], side[:, j]) for j, n in enumerate(names)]
+                rows = masked[0].unsqueeze(1) if len(masked) == 1 else torch.stack(masked, dim=1)
+        return rows
 
     # ----------------------------------------------------------------------------------------
     # Search-state helpers (rank-local; the context does the collectives)
@@ -349,9 +427,9 @@ class MaskAwareEmbedding(nn.Module):
         """Every table of the module (main, side, accumulator): what a gather of the whole search
         state (e.g. an unsharded copy for the retrain's start values) must cover."""
         names = self.main_table_names()
-        if self.side is not None:
+        if self.use_side:
             names += [side_table_name(n) for n in self.feature_names]
-        if self.acc is not None:
+        if self.use_saliency:
             names += [acc_table_name(n) for n in self.feature_names]
         return names
 
@@ -374,7 +452,7 @@ class MaskAwareEmbedding(nn.Module):
 
     def fill_side_tables(self, context: Any, counts_fn: Callable[[str], np.ndarray]) -> None:
         """Writes ``side_table_rows(counts)`` into this rank's shards of every side table."""
-        if self.side is None:
+        if not self.use_side:
             raise ValueError("this module has no side table (use_side=False)")
         with torch.no_grad():
             for f in self.fields:
@@ -392,7 +470,7 @@ class MaskAwareEmbedding(nn.Module):
 
     def zero_accumulators(self, context: Any) -> None:
         """Zeroes this rank's shards of every saliency accumulator."""
-        if self.acc is None:
+        if not self.use_saliency:
             raise ValueError("this module has no accumulator (use_saliency=False)")
         with torch.no_grad():
             for f in self.fields:
@@ -404,8 +482,9 @@ class MaskAwareEmbedding(nn.Module):
         return max(0, min(int(self.num_steps), self.saliency_stop) - self.saliency_start)
 
 
-def _mask_and_pool(module: MaskAwareEmbedding, ebc_out: Any, ec_out: Any, side_out: Any, acc_out: Any) -> KeyedTensor:
-    return module.mask_and_pool(ebc_out, ec_out, side_out, acc_out)
+def _mask_and_pool(module: MaskAwareEmbedding, ebc_out: Any, ec_out: Any, side_out: Any, acc_out: Any,
+                   side_pooled_out: Any, acc_pooled_out: Any) -> KeyedTensor:
+    return module.mask_and_pool(ebc_out, ec_out, side_out, acc_out, side_pooled_out, acc_pooled_out)
 
 
 # One opaque node for the train pipeline's fx trace: it sees the lookups on the KJT, then this

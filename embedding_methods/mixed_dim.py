@@ -25,9 +25,11 @@ import logging
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.fx
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -117,6 +119,10 @@ class GroupedProjection(nn.Module):
     def num_params(self) -> int:
         return sum(getattr(self, name).numel() for name, _ in self._groups)
 
+    def groups(self) -> list[tuple[str, list[int]]]:
+        """``(parameter name, slots)`` of every non-identity group, in parameter order."""
+        return list(self._groups)
+
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Maps ``xs[i]`` of shape ``[B, in_i]`` to ``[B, out_i]``."""
         ys = list(xs)
@@ -126,9 +132,182 @@ class GroupedProjection(nn.Module):
                 ys[slots[0]] = torch.mm(xs[slots[0]], weight[0])
                 continue
             out = torch.bmm(torch.stack([xs[s] for s in slots]), weight)  # [G, B, out]
-            for j, s in enumerate(slots):
-                ys[s] = out[j]
+            # unbind, not out[j]: each out[j] has its own SelectBackward, which zero-fills a whole
+            # [G, B, out] gradient, and autograd sums the G of them (O(G^2 * B * out) memory
+            # traffic, most of the compact model's step at large batches); unbind's backward is
+            # one stack.
+            for s, y in zip(slots, out.unbind(0)):
+                ys[s] = y
         return ys
+
+
+def _strided(t: torch.Tensor, first: int, step: int, count: int, width: int) -> torch.Tensor:
+    """``[count, B, width]`` view of the column blocks ``[first + j * step, + width)`` of a
+    row-major ``[B, S]`` tensor (no copy; every BLAS batched GEMM takes these strides)."""
+    return t.as_strided((count, t.shape[0], width), (step, t.stride(0), 1), t.storage_offset() + first)
+
+
+def _progression(xs: list[int], min_step: int) -> int | None:
+    """The common difference of ``xs`` if they step by one constant ``>= min_step`` (1 element:
+    ``min_step``), else None."""
+    if len(xs) == 1:
+        return min_step
+    step = xs[1] - xs[0]
+    if step < min_step or any(b - a != step for a, b in zip(xs, xs[1:])):
+        return None
+    return step
+
+
+class _GroupLayout:
+    """Where one ``GroupedProjection`` group reads its inputs and writes its outputs.
+
+    ``in_step`` / ``out_step``: the column / field step when the group's slots sit at evenly
+    spaced positions (strided views, no copy); None = gathered through an index. ``mode``:
+    ``"write"`` / ``"index_copy"`` when the group is the first to contribute to each of its fields,
+    ``"add"`` / ``"index_add"`` otherwise (strided / indexed); ``needs_zero`` when only some of its
+    fields already have a contribution (the output must start zeroed).
+    """
+
+    def __init__(self, weight: int, in_width: int, columns: list[int], fields: list[int], dim: int,
+                 written: set[int]) -> None:
+        self.weight, self.in_width, self.columns, self.fields = weight, in_width, columns, fields
+        self.in_step = _progression(columns, in_width)
+        self.out_step = _progression(fields, 1)
+        fresh = [f not in written for f in fields]
+        first = all(fresh)
+        self.needs_zero = any(fresh) and not first
+        if self.out_step is not None:
+            self.mode = "write" if first else "add"
+        else:
+            self.mode = "index_copy" if first else "index_add"
+        self.column_index = [c + k for c in columns for k in range(in_width)]
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input column index [G * in], field index [G])`` on ``device``, made once (a fresh
+        host-to-device copy every step would synchronise the stream)."""
+        if device not in self._on:
+            self._on[device] = (torch.tensor(self.column_index, dtype=torch.long, device=device),
+                                torch.tensor(self.fields, dtype=torch.long, device=device))
+        return self._on[device]
+
+    def inputs(self, values: torch.Tensor) -> torch.Tensor:
+        """``[G, B, in]`` inputs of the group (a view when evenly spaced, else a gathered copy)."""
+        g = len(self.columns)
+        if self.in_step is not None:
+            return _strided(values, self.columns[0], self.in_step, g, self.in_width)
+        columns, _ = self.indices(values.device)
+        return values.index_select(1, columns).view(values.shape[0], g, self.in_width).transpose(0, 1)
+
+    def outputs(self, out: torch.Tensor, dim: int) -> torch.Tensor:
+        """``[G, B, D]`` view of the group's output fields in a ``[B, F * D]`` tensor (``out_step`` set)."""
+        return _strided(out, self.fields[0] * dim, self.out_step * dim, len(self.fields), dim)
+
+
+class _ProjectionLayout:
+    """How the pooled ``[B, S]`` values of an inner collection (keys in the collection's order)
+    map through a ``GroupedProjection`` into the ``[B, F * D]`` output (fields in output order).
+
+    Built once per key order (a sharded collection returns keys in shard order). Groups write in
+    parameter order; identity slots (in = out = D) are copied or added after them.
+    """
+
+    def __init__(self, projection: GroupedProjection, slot_columns: list[int], width: int,
+                 field_of_slot: list[int | None], num_fields: int, dim: int) -> None:
+        self.num_fields, self.dim, self.width = num_fields, dim, width
+        self.weight_names = [name for name, _ in projection.groups()]
+        written: set[int] = set()
+        self.groups: list[_GroupLayout] = []
+        for k, (_, slots) in enumerate(projection.groups()):
+            group = _GroupLayout(k, projection.in_dims[slots[0]], [slot_columns[s] for s in slots],
+                                 [field_of_slot[s] for s in slots], dim, written)
+            written.update(group.fields)
+            self.groups.append(group)
+        # Identity slots (in = out = D): one more group, copied (or added) instead of multiplied.
+        identity = [slot for slot in range(len(field_of_slot)) if projection.slot_weight(slot) is None]
+        self.identity: _GroupLayout | None = None
+        if identity:
+            self.identity = _GroupLayout(-1, dim, [slot_columns[s] for s in identity],
+                                         [field_of_slot[s] for s in identity], dim, written)
+            written.update(self.identity.fields)
+        # A zeroed output when some field has no slot (pruned) or a group adds to part of its fields.
+        self.zero_init = len(written) < num_fields or any(g.needs_zero for g in self.all_groups())
+        # Every field one whole width-D table, in output order: the pooled values are the output.
+        ident = self.identity
+        self.passthrough = (not self.groups and ident is not None and len(ident.fields) == num_fields
+                            and ident.columns == [f * dim for f in range(num_fields)]
+                            and ident.fields == list(range(num_fields)))
+
+    def all_groups(self) -> list[_GroupLayout]:
+        return self.groups + ([self.identity] if self.identity is not None else [])
+
+
+class _ProjectPooled(torch.autograd.Function):
+    """``out[:, f] = sum over the slots s of field f of values[:, cols(s)] @ W_s``, straight from
+    the inner collection's pooled ``[B, S]`` values into one ``[B, F * D]`` output.
+
+    Same arithmetic as ``GroupedProjection.forward`` followed by the per-field sums and the concat
+    of ``_ProjectedEmbeddingBagCollection.forward``, without their copies: each group is one
+    batched GEMM whose inputs are strided views of ``values`` and whose output is written (or
+    accumulated, ``baddbmm_``) into strided views of ``out``; its backward is two batched GEMMs per
+    group on strided views of the output gradient (no ``split``/``stack``/``cat``, no per-slot
+    ``SelectBackward``). Only groups whose slots are unevenly spaced gather (``index_select``) and
+    scatter (``index_add_`` / ``index_copy_``) through cached index tensors.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, values: torch.Tensor, layout: _ProjectionLayout, *weights: torch.Tensor) -> torch.Tensor:
+        values = values.contiguous()
+        ctx.layout = layout
+        ctx.save_for_backward(values, *weights)
+        batch, dim = values.shape[0], layout.dim
+        out = (values.new_zeros if layout.zero_init else values.new_empty)(batch, layout.num_fields * dim)
+        for g in layout.all_groups():
+            x = g.inputs(values)
+            if g.mode == "write":
+                if g.weight < 0:
+                    g.outputs(out, dim).copy_(x)
+                else:
+                    torch.bmm(x, weights[g.weight], out=g.outputs(out, dim))
+            elif g.mode == "add":
+                dest = g.outputs(out, dim)
+                dest.add_(x) if g.weight < 0 else dest.baddbmm_(x, weights[g.weight])
+            else:
+                _, fields = g.indices(values.device)
+                y = (x if g.weight < 0 else torch.bmm(x, weights[g.weight])).transpose(0, 1)
+                out3 = out.view(batch, layout.num_fields, dim)
+                out3.index_copy_(1, fields, y) if g.mode == "index_copy" else out3.index_add_(1, fields, y)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        values, *weights = ctx.saved_tensors
+        layout: _ProjectionLayout = ctx.layout
+        grad = grad.contiguous()
+        batch, dim = values.shape[0], layout.dim
+        need_values = ctx.needs_input_grad[0]
+        # Every input column belongs to exactly one slot, so every column is written below.
+        grad_values = values.new_empty(values.shape) if need_values else None
+        grad_weights: list[torch.Tensor | None] = [None] * len(weights)
+        for g in layout.all_groups():
+            if g.out_step is not None:
+                gy = g.outputs(grad, dim)  # [G, B, D] view
+            else:
+                _, fields = g.indices(grad.device)
+                gy = grad.view(batch, layout.num_fields, dim).index_select(1, fields).transpose(0, 1)
+            w = weights[g.weight] if g.weight >= 0 else None
+            if w is not None and ctx.needs_input_grad[2 + g.weight]:
+                grad_weights[g.weight] = torch.bmm(g.inputs(values).transpose(1, 2), gy)
+            if not need_values:
+                continue
+            if g.in_step is not None:
+                dest = _strided(grad_values, g.columns[0], g.in_step, len(g.columns), g.in_width)
+                dest.copy_(gy) if w is None else torch.bmm(gy, w.transpose(1, 2), out=dest)
+            else:
+                columns, _ = g.indices(grad.device)
+                gx = gy if w is None else torch.bmm(gy, w.transpose(1, 2))
+                grad_values.index_copy_(1, columns, gx.transpose(0, 1).reshape(batch, -1))
+        return (grad_values, None, *grad_weights)
 
 
 class _ProjectedEmbeddingBagCollection(nn.Module):
@@ -261,6 +440,7 @@ class MixedDimEmbeddingBagCollection(_ProjectedEmbeddingBagCollection):
         self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device(device) if device is not None else None)
         self.projection = GroupedProjection([t.embedding_dim for t in tables], [embedding_dim] * len(tables),
                                             device=device)
+        self._layouts: dict[tuple, _ProjectionLayout] = {}  # per key order of the inner collection's output
 
     def reset_parameters(self) -> None:
         """Re-initialises the projections (the tables belong to ``ebc``, sharded or not)."""
@@ -272,6 +452,55 @@ class MixedDimEmbeddingBagCollection(_ProjectedEmbeddingBagCollection):
 
     def _project(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.projection(xs)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Pooled ``[B, D]`` embedding per output field, as a ``KeyedTensor`` (``length_per_key == [D] * F``)."""
+        # The KJT reaches the (sharded) collection untouched, as pipelining needs; the projection
+        # is one opaque fx node (it reads the pooled output's key order).
+        return _project_pooled(self, self.ebc(features))
+
+    def project_pooled(self, pooled: KeyedTensor) -> KeyedTensor:
+        """Projects the inner collection's pooled output (any key order) with ``_ProjectPooled``."""
+        layout = self._projection_layout(pooled.keys(), pooled.length_per_key())
+        if layout.passthrough:
+            values = pooled.values()
+        else:
+            weights = [getattr(self.projection, name) for name in layout.weight_names]
+            values = _ProjectPooled.apply(pooled.values(), layout, *weights)
+        return KeyedTensor(keys=self._output_names, length_per_key=[self._embedding_dim] * len(self._output_names),
+                           values=values)
+
+    def _projection_layout(self, keys: list[str], lengths: list[int]) -> _ProjectionLayout:
+        cache_key = (tuple(keys), tuple(lengths))
+        cache = self._layouts
+        if cache_key not in cache:
+            if sorted(keys) != sorted(self._inner_features):
+                raise ValueError(f"{type(self).__name__}: the inner collection returned keys {keys}, expected "
+                                 f"{self._inner_features}")
+            column, offset = {}, 0
+            for key, length in zip(keys, lengths):
+                column[key] = offset
+                offset += length
+            widths = dict(zip(keys, lengths))
+            for slot, feature in enumerate(self._inner_features):
+                if widths[feature] != self.projection.in_dims[slot]:
+                    raise ValueError(f"{type(self).__name__}: inner feature {feature!r} is {widths[feature]} wide, "
+                                     f"its table {self.projection.in_dims[slot]}")
+            field_of_slot: list[int | None] = [None] * len(self._inner_features)
+            for field, slots in enumerate(self._output_slots):
+                for slot in slots:
+                    field_of_slot[slot] = field
+            cache[cache_key] = _ProjectionLayout(self.projection, [column[f] for f in self._inner_features], offset,
+                                                 field_of_slot, len(self._output_names), self._embedding_dim)
+        return cache[cache_key]
+
+
+def _project_pooled(module: MixedDimEmbeddingBagCollection, pooled: KeyedTensor) -> KeyedTensor:
+    return module.project_pooled(pooled)
+
+
+# One opaque node for the train pipeline's fx trace (it sees ``ebc(features)``, then this call).
+torch.fx.wrap("_project_pooled")
 
 
 def build_retrain_module(plan: SizePlan, *, device: torch.device | str = "meta") -> MixedDimEmbeddingBagCollection:

@@ -82,15 +82,61 @@ class BinaryStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
         (z,) = ctx.saved_tensors
-        abs_z = z.abs()
-        slope = torch.where(abs_z <= 0.4, 2 - 4 * abs_z, torch.where(abs_z <= 1, torch.full_like(z, 0.4),
-                                                                      torch.zeros_like(z)))
-        return grad_output * slope
+        return grad_output * _binary_step_slope(z)
 
 
 def _row_norm(x: torch.Tensor, norm: int) -> torch.Tensor:
     """L1 or L2 norm over the last dim (the reference's ``torch.norm(xv, norm, dim=2)``)."""
     return x.abs().sum(-1) if norm == 1 else torch.linalg.vector_norm(x, 2, dim=-1)
+
+
+def _binary_step_slope(z: torch.Tensor) -> torch.Tensor:
+    """``BinaryStep``'s straight-through derivative ``g(z)``."""
+    abs_z = z.abs()
+    return torch.where(abs_z <= 0.4, 2 - 4 * abs_z, torch.where(abs_z <= 1, torch.full_like(z, 0.4),
+                                                                  torch.zeros_like(z)))
+
+
+class _RowAndWidthMask(torch.autograd.Function):
+    """The supernet's training mask in one autograd node: ``x * m_row * m_width`` with
+    ``m_row = where(prune, BinaryStep(||x||_p - t), 1)`` per ``[B, F]`` row and ``m_width`` keeping
+    the first ``width[b, f]`` dims.
+
+    Values and gradients are those of the composed formula in ``OptEmbedSupernet.mask_pooled``
+    (the row norm, ``BinaryStep``, ``where`` and two ``[B, F, D]`` products, each its own autograd
+    node; a masked entry may come out as ``+0.0`` where the products gave ``-0.0``), with fewer
+    passes over ``[B, F, D]``: both 0/1 masks become one comparison against the effective width
+    (``width``, or 0 for a pruned row) and one ``where``, no float mask is built, and the backward
+    forms the row-mask gradient, the masked output gradient and the norm's gradient together
+    (``addcmul_`` in place) instead of four separately allocated ``[B, F, D]`` gradients summed by
+    autograd. Only ``[B, F]`` tensors are saved besides ``x``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, thresholds: torch.Tensor, prune: torch.Tensor, width: torch.Tensor,
+                norm: int) -> torch.Tensor:
+        norms = _row_norm(x, norm)  # [B, F], the same reduction as the composed formula
+        z = norms - thresholds
+        row = torch.where(prune, z > 0, True)  # BinaryStep(z) = (z > 0), or 1 where the field is not pruned
+        positions = torch.arange(x.shape[-1], device=x.device)
+        ctx.save_for_backward(x, z, norms if norm == 2 else None, prune, row, width)
+        ctx.norm = norm
+        keep = positions < torch.where(row, width, 0).unsqueeze(-1)  # [B, F, D]: both masks
+        return torch.where(keep, x, 0.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, z, norms, prune, row, width = ctx.saved_tensors
+        keep = torch.arange(x.shape[-1], device=x.device) < width.unsqueeze(-1)  # the width mask alone
+        grad_kept = torch.where(keep, grad, 0.0)  # dL/d(x * m_row), [B, F, D]
+        grad_row = (grad_kept * x).sum(-1)  # dL/dm_row, [B, F]
+        grad_z = torch.where(prune, grad_row, torch.zeros_like(grad_row)) * _binary_step_slope(z)
+        grad_x = grad_kept.mul_(row.unsqueeze(-1))  # the direct path, in place
+        if ctx.norm == 1:
+            grad_x.addcmul_(grad_z.unsqueeze(-1), x.sign())  # d||x||_1 / dx = sign(x)
+        else:  # d||x||_2 / dx = x / ||x|| (0 where the norm is 0, as torch's norm backward)
+            grad_x.addcmul_((grad_z / norms).masked_fill_(norms == 0, 0).unsqueeze(-1), x)
+        return grad_x, -grad_z.sum(0), None, None, None
 
 
 class OptEmbedSupernet(nn.Module):
@@ -212,20 +258,25 @@ class OptEmbedSupernet(nn.Module):
         x = values.reshape(batch_size, len(keys), dim)
         index = self._field_index(keys)
         prune_rows, widths = self._constants()
-        if self.apply_row_mask:
-            # Row (feature) mask m_f = BinaryStep(||e||_p - t_f), computed on the full-width vector
-            # before the dim mask (reference ``mode_supernet='all'``).
-            z = _row_norm(x, self.norm) - self.thresholds[index]
-            row_mask = torch.where(prune_rows[index], BinaryStep.apply(z), torch.ones_like(z))
-            x = x * row_mask.unsqueeze(-1)
-        positions = torch.arange(dim, device=x.device)
-        if self.training:
-            # Uniform width per (sample, field) so every candidate width is trained about equally
-            # (reference ``get_random_field_mask``), over {4, ..., D} instead of {1, ..., D}.
+        if self.training and self.apply_row_mask:
+            # The search's training step. Row (feature) mask m_f = BinaryStep(||e||_p - t_f) on the
+            # full-width vector (reference ``mode_supernet='all'``), then a uniform width per
+            # (sample, field) so every candidate width is trained about equally (reference
+            # ``get_random_field_mask``), over {4, ..., D} instead of {1, ..., D}: one autograd
+            # node for both (_RowAndWidthMask; the formula of the branch below).
             draw = torch.randint(len(widths), (batch_size, len(keys)), device=x.device)
-            x = x * (positions < widths[draw].unsqueeze(-1)).to(x.dtype)
-        elif self.candidate_widths is not None:
-            x = x * (positions < self.candidate_widths[index].unsqueeze(-1)).to(x.dtype)
+            x = _RowAndWidthMask.apply(x, self.thresholds[index], prune_rows[index], widths[draw], self.norm)
+        else:
+            if self.apply_row_mask:
+                z = _row_norm(x, self.norm) - self.thresholds[index]
+                row_mask = torch.where(prune_rows[index], BinaryStep.apply(z), torch.ones_like(z))
+                x = x * row_mask.unsqueeze(-1)
+            positions = torch.arange(dim, device=x.device)
+            if self.training:
+                draw = torch.randint(len(widths), (batch_size, len(keys)), device=x.device)
+                x = x * (positions < widths[draw].unsqueeze(-1)).to(x.dtype)
+            elif self.candidate_widths is not None:
+                x = x * (positions < self.candidate_widths[index].unsqueeze(-1)).to(x.dtype)
         return KeyedTensor(keys=keys, length_per_key=pooled.length_per_key(),
                            values=x.reshape(batch_size, len(keys) * dim))
 

@@ -568,7 +568,7 @@ def _repair_to_budget(plan: SizePlan, kept: list[np.ndarray], eligible: list[np.
 
 
 def _search_module(module: nn.Module) -> MaskAwareEmbedding:
-    if not isinstance(module, MaskAwareEmbedding) or module.acc is None:
+    if not isinstance(module, MaskAwareEmbedding) or not module.use_saliency:
         raise ValueError(f"expected the PME MaskAwareEmbedding search module (with an accumulator), got "
                          f"{type(module).__name__}")
     return module

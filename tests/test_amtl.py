@@ -9,11 +9,11 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embedding_methods.amtl import (AMTL, AMTLMaskNet, amtl_from_baseline, amtl_warm_start_keys,
-                                    cumulative_width_mask, straight_through_one_hot)
+from embedding_methods.amtl import (AMTL, INITIAL_LOGIT, AMTLMaskNet, amtl_from_baseline, amtl_warm_start_keys,
+                                    cumulative_width_mask, masked_rows, straight_through_one_hot)
 from embedding_methods.base import FieldSpec
 from embedding_methods.grouping import field_plan_from_widths, widths_from_field_plan
-from embedding_methods.mask_aware import LocalSearchContext, side_table_rows
+from embedding_methods.mask_aware import LocalSearchContext, side_features, side_table_rows
 
 D = 16
 FIELDS = [FieldSpec("a", 40, multi_hot=True), FieldSpec("b", 30)]
@@ -73,8 +73,9 @@ def test_frequent_ids_drive_h_aml_and_rare_ids_l_aml() -> None:
         net.zero_grad()
         rows = torch.randn(len(ids), D)
         (rows * net("f", rows, side[ids])).sum().backward()
-        norm = lambda m: sum(float(p.grad.norm()) ** 2 for p in m.parameters()) ** 0.5  # noqa: E731
-        return norm(net.h_aml[0]), norm(net.l_aml[0])
+        # Every parameter is [2, F, ...]: index 0 the h-AML, 1 the l-AML.
+        norm = lambda twin: sum(float(p.grad[twin, 0].norm()) ** 2 for p in net.parameters()) ** 0.5  # noqa: E731
+        return norm(0), norm(1)
 
     h, l = grad_norms([0, 1, 2])  # alpha ~ 1
     assert h > 20 * l
@@ -83,7 +84,7 @@ def test_frequent_ids_drive_h_aml_and_rare_ids_l_aml() -> None:
     net.zero_grad()
     rows = torch.randn(2, D)
     (rows * net("f", rows, torch.zeros(2, 4))).sum().backward()  # never-seen ids: alpha = 0
-    assert all(p.grad.abs().sum() == 0 for p in net.h_aml[0].parameters())
+    assert all(p.grad[0, 0].abs().sum() == 0 for p in net.parameters())  # h-AML of field 0
 
 
 def test_width_penalty_lowers_expected_width() -> None:
@@ -187,19 +188,21 @@ def test_built_on_meta_then_materialised_like_dmp() -> None:
         if any(p.is_meta for p in m.parameters(recurse=False)):
             m.to_empty(device="cpu", recurse=False)
             m.reset_parameters()
-    head = module.mask_net.h_aml[0][-1]
-    assert torch.equal(head.weight, torch.zeros_like(head.weight))
-    assert int(head.bias.argmax()) == 1  # width 8
+    net = module.mask_net
+    head, head_bias = getattr(net, f"weight_{net.num_layers - 1}"), getattr(net, f"bias_{net.num_layers - 1}")
+    assert torch.equal(head, torch.zeros_like(head))
+    assert (head_bias.argmax(-1) == 1).all()  # width 8, in every net of every field
 
 
 def _pin_heads(module, h_choice: int, l_choice: int) -> None:
     """Zero-weight output layers: alpha > 0.5 picks h_choice, the rest l_choice."""
+    net = module.mask_net
     with torch.no_grad():
-        for nets, choice in ((module.mask_net.h_aml, h_choice), (module.mask_net.l_aml, l_choice)):
-            for mlp in nets:
-                mlp[-1].weight.zero_()
-                mlp[-1].bias.zero_()
-                mlp[-1].bias[choice] = 5.0
+        getattr(net, f"weight_{net.num_layers - 1}").zero_()
+        head_bias = getattr(net, f"bias_{net.num_layers - 1}")
+        head_bias.zero_()
+        head_bias[0, :, h_choice] = 5.0  # h-AML of every field
+        head_bias[1, :, l_choice] = 5.0  # l-AML
 
 
 def test_inherit_retrain_start_reproduces_the_masked_search_model() -> None:
@@ -266,3 +269,196 @@ def test_empty_pooled_collection_still_builds_on_meta() -> None:
     assert method.search_tables() == []
     module = method.build_search_module(EmbeddingBagCollection([], device=torch.device("meta")))
     assert module.ebc is None and all(p.is_meta for p in module.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# The batched mask networks and the fused mask against the per-field formulas they replace
+
+
+def _per_field_nets(net: AMTLMaskNet, hidden: list[int]) -> tuple[torch.nn.ModuleList, torch.nn.ModuleList]:
+    """The old layout: one ``nn.Sequential`` (Linear, ReLU, ..., head) per net and field, built in
+    the old order (every h-AML, then every l-AML; the zero-initialised heads draw nothing)."""
+    k = len(net.widths)
+
+    def mlp() -> torch.nn.Sequential:
+        layers, width = [], 3
+        for h in hidden:
+            layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
+            width = h
+        with torch.random.fork_rng():
+            head = torch.nn.Linear(width, k)
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[net.initial_choice] = INITIAL_LOGIT
+        return torch.nn.Sequential(*layers, head)
+
+    num_fields = len(net.field_index)
+    return (torch.nn.ModuleList(mlp() for _ in range(num_fields)),
+            torch.nn.ModuleList(mlp() for _ in range(num_fields)))
+
+
+def _linears(mlp: torch.nn.Sequential) -> list[torch.nn.Linear]:
+    return [m for m in mlp if isinstance(m, torch.nn.Linear)]
+
+
+def _load_per_field(net: AMTLMaskNet, nets: tuple[torch.nn.ModuleList, torch.nn.ModuleList]) -> None:
+    with torch.no_grad():
+        for twin, mlps in enumerate(nets):
+            for i, mlp in enumerate(mlps):
+                for j, lin in enumerate(_linears(mlp)):
+                    lin.weight.copy_(getattr(net, f"weight_{j}")[twin, i])
+                    lin.bias.copy_(getattr(net, f"bias_{j}")[twin, i])
+
+
+def _old_logits(nets, net: AMTLMaskNet, name: str, side: torch.Tensor) -> torch.Tensor:
+    i = net.field_index[name]
+    s, alpha = side[:, :3], side[:, 2:3]
+    return alpha * nets[0][i](s) + (1 - alpha) * nets[1][i](s)
+
+
+def test_stacked_mask_nets_init_like_the_per_field_modules() -> None:
+    fields = [FieldSpec(n, 50) for n in "abcd"]
+    torch.manual_seed(7)
+    net = AMTLMaskNet(fields, D, hidden_sizes=[8, 6], temperature=1.0, initial_width=8)
+    torch.manual_seed(7)
+    nets = _per_field_nets(net, [8, 6])
+    for twin, mlps in enumerate(nets):
+        for i, mlp in enumerate(mlps):
+            for j, lin in enumerate(_linears(mlp)):
+                assert torch.equal(getattr(net, f"weight_{j}")[twin, i], lin.weight)
+                assert torch.equal(getattr(net, f"bias_{j}")[twin, i], lin.bias)
+
+
+@pytest.mark.parametrize("order", ["all", "subset"])
+def test_batched_mask_nets_equal_the_per_field_formulas(order: str) -> None:
+    """``mask_rows`` (2F MLPs as one baddbmm per layer, ``masked_rows``) and the one-pass penalty
+    give the values and gradients of the per-field formulas: ``rows * cumulative_width_mask(
+    straight_through_one_hot(softmax(h / T)))`` field by field, and the per-field penalty sum."""
+    fields = [FieldSpec(n, 60) for n in "abcde"]
+    torch.manual_seed(0)
+    net = AMTLMaskNet(fields, D, hidden_sizes=[8, 8], temperature=0.7, initial_width=D)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_()  # non-trivial masks (the init picks D for every id)
+    nets = _per_field_nets(net, [8, 8])
+    _load_per_field(net, nets)
+    rng = np.random.default_rng(0)
+    field_counts = {f.name: rng.zipf(1.4, f.num_embeddings).clip(max=5000) * (rng.random(f.num_embeddings) > 0.3)
+                    for f in fields}
+    net.set_count_profiles(field_counts)
+    names = [f.name for f in fields] if order == "all" else ["d", "a", "c"]  # key order of a sharded output
+    batch = 9
+    sides = torch.stack([torch.from_numpy(side_table_rows(field_counts[n])[rng.integers(0, 60, batch)])
+                         for n in names], dim=1)  # [B, P, 4]
+    rows = torch.randn(batch, len(names), D, requires_grad=True)
+    coef = torch.randn(batch, len(names), D)
+
+    got = net.mask_rows(names, rows, sides)
+    penalty = net.expected_param_fraction()
+    ((got * coef).sum() + 3.0 * penalty).backward()
+    got_grads = [rows.grad.clone()] + [p.grad.clone() for p in net.parameters()]
+
+    rows.grad = None
+    want = []
+    for j, n in enumerate(names):
+        probs = torch.softmax(_old_logits(nets, net, n, sides[:, j]) / net.temperature, dim=-1)
+        want.append(rows[:, j] * cumulative_width_mask(straight_through_one_hot(probs)))
+    want = torch.stack(want, dim=1)
+    widths = torch.as_tensor(net.widths, dtype=torch.float32)
+    want_penalty = torch.zeros(())
+    for f in fields:  # the old per-field penalty loop
+        values, mult = np.unique(field_counts[f.name], return_counts=True)
+        side = torch.from_numpy(side_features(values, field_counts[f.name]))
+        probs = torch.softmax(_old_logits(nets, net, f.name, side) / net.temperature, dim=-1)
+        want_penalty = want_penalty + (torch.from_numpy(mult.astype(np.float64)).float() * (probs @ widths)).sum()
+    want_penalty = want_penalty / (sum(f.num_embeddings for f in fields) * D)
+    ((want * coef).sum() + 3.0 * want_penalty).backward()
+
+    assert torch.equal(got, want)  # the same 0/1 mask times the same rows
+    torch.testing.assert_close(penalty, want_penalty, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got_grads[0], rows.grad, rtol=0, atol=0)  # g * mask, exactly
+    for g, (name, _) in zip(got_grads[1:], net.named_parameters()):
+        kind, j = name.split("_")  # weight_<layer> / bias_<layer>
+        ref = torch.stack([torch.stack([getattr(_linears(mlp)[int(j)], kind).grad for mlp in mlps]) for mlps in nets])
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)
+    assert all(float(g.abs().sum()) > 0 for g in got_grads[1:])
+
+
+def test_masked_rows_equals_the_composed_formula() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(6, 3, 4, requires_grad=True)
+    rows = torch.randn(6, 3, D, requires_grad=True)
+    coef = torch.randn(6, 3, D)
+    probs = torch.softmax(logits, -1)
+    got = masked_rows(rows, probs)
+    (got * coef).sum().backward()
+    got_grads = logits.grad.clone(), rows.grad.clone()
+    logits.grad = rows.grad = None
+    want = rows * cumulative_width_mask(straight_through_one_hot(torch.softmax(logits, -1)))
+    (want * coef).sum().backward()
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_grads[0], logits.grad, rtol=1e-6, atol=1e-7)
+    assert torch.equal(got_grads[1], rows.grad)
+
+
+def test_search_module_equals_per_id_reference() -> None:
+    """The batched path of the search module (pooled single-hot fields masked together, multi-hot
+    fields one by one through ``mask_rows``) against plain per-id indexing with the per-field mask
+    ``rows * net(field, rows, side)`` and a sum per bag: outputs and mask-net gradients."""
+    fields = [FieldSpec("a", 40, multi_hot=True), FieldSpec("b", 30), FieldSpec("c", 25)]
+    method = AMTL(AMTL.Config(), fields, D)
+    module = method.build_search_module(EmbeddingBagCollection(method.search_tables(), device=torch.device("cpu")))
+    rng = np.random.default_rng(0)
+    field_counts = {f.name: rng.zipf(1.3, f.num_embeddings).clip(max=10_000) for f in fields}
+    context = LocalSearchContext(module, fields, D, field_counts)
+    method.init_search_state(module, context)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in module.mask_net.parameters():
+            p.normal_()
+    bags = {"a": [[1, 5, 5], [], [9], [3, 0, 7]], "b": [[3], [0], [7], [29]], "c": [[24], [2], [2], [11]]}
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["a", "b", "c"], values=torch.tensor([i for n in "abc" for bag in bags[n] for i in bag]),
+        lengths=torch.tensor([len(bag) for n in "abc" for bag in bags[n]]))
+    coef = torch.randn(4, 3 * D)
+    out = module(kjt).values()
+    (out * coef).sum().backward()
+    got_grads = [p.grad.clone() for p in module.mask_net.parameters()]
+    module.mask_net.zero_grad(set_to_none=True)
+
+    ref = []
+    for f in fields:
+        weight, side = module.full_table(f"t_{f.name}"), torch.from_numpy(side_table_rows(field_counts[f.name]))
+        pooled = []
+        for bag in bags[f.name]:
+            ids = torch.tensor(bag, dtype=torch.long)
+            rows = weight[ids]
+            pooled.append((rows * module.mask_net(f.name, rows, side[ids])).sum(0))
+        ref.append(torch.stack(pooled))
+    ref = torch.cat(ref, dim=1)
+    (ref * coef).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    for got, p in zip(got_grads, module.mask_net.parameters()):
+        torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_penalty_buckets_fields_by_distinct_counts() -> None:
+    """A field with far more distinct counts than the others gets its own batched pass (no field
+    pads to it), and the penalty still equals the per-field sum."""
+    fields = [FieldSpec("a", 30), FieldSpec("b", 30), FieldSpec("big", 3000)]
+    torch.manual_seed(0)
+    net = AMTLMaskNet(fields, D, hidden_sizes=[8], temperature=1.0, initial_width=D)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_()
+    field_counts = {"a": np.arange(30) % 5, "b": np.arange(30) % 7, "big": np.arange(3000)}
+    net.set_count_profiles(field_counts)
+    assert [fields_ for fields_, _, _ in net._profile_buckets()] == [[0, 1], [2]]
+    widths = torch.as_tensor(net.widths, dtype=torch.float32)
+    want = torch.zeros(())
+    for f in fields:
+        values, mult = np.unique(field_counts[f.name], return_counts=True)
+        probs = net.probs(f.name, torch.from_numpy(side_features(values, field_counts[f.name])))
+        want = want + (torch.from_numpy(mult).float() * (probs @ widths)).sum()
+    torch.testing.assert_close(net.expected_param_fraction(), want / (3060 * D), rtol=1e-6, atol=0)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embedding_methods.base import FieldSpec
@@ -243,19 +244,21 @@ def _shard(sparse: nn.Module, world_size: int):
     model = _Wrapper(sparse)
     # The trainer's rule: a table without a fused optimizer gets the sparse one (side and acc
     # already carry theirs; the sharder accepts exactly one).
-    for child in (sparse.ec, sparse.ebc, sparse.side, sparse.acc):
+    for child in (sparse.ec, sparse.ebc, sparse.side, sparse.acc, sparse.side_pooled, sparse.acc_pooled):
         params = [] if child is None else [p for p in child.parameters() if not hasattr(p, "_optimizer_classes")]
         if params:
             apply_optimizer_in_backward(torch.optim.SGD, params, {"lr": 0.1})
     ec_sharder, ebc_sharder = RowWiseEmbeddingCollectionSharder(), RowWiseEmbeddingBagCollectionSharder()
     plan = {}
     for child, prefix, kind_of in (("ec", "t_", kinds), ("side", "side_", side_kinds), ("acc", "acc_", kinds),
-                                   ("ebc", "t_", kinds)):
+                                   ("ebc", "t_", kinds), ("side_pooled", "side_", side_kinds),
+                                   ("acc_pooled", "acc_", kinds)):
         module = getattr(sparse, child)
         if module is None:
             continue
-        configs = module.embedding_bag_configs() if child == "ebc" else module.embedding_configs()
-        sharder = ebc_sharder if child == "ebc" else ec_sharder
+        bags = isinstance(module, EmbeddingBagCollection)
+        configs = module.embedding_bag_configs() if bags else module.embedding_configs()
+        sharder = ebc_sharder if bags else ec_sharder
         plan[f"sparse.{child}"] = construct_module_sharding_plan(
             module, {c.name: kind_of[c.name[len(prefix):]]() for c in configs}, sharder=sharder,
             local_size=world_size, world_size=world_size, device_type="cpu")
@@ -338,3 +341,86 @@ def test_sharding_constraints_cover_every_table_and_forbid_replication() -> None
     constraints = module.sharding_constraints()
     assert set(constraints) == {"t_a", "t_b", "t_c", "side_a", "side_b", "side_c", "acc_a", "acc_b", "acc_c"}
     assert all("data_parallel" not in v and "column_wise" not in v and "row_wise" in v for v in constraints.values())
+
+
+class _FieldMask(nn.Module):
+    """Like TinyMask, for any field name (scale from the name's first letter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(D + SIDE_WIDTH, D)
+
+    def forward(self, field_name: str, rows: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        scale = (ord(field_name[0]) - 100) / 3.0
+        return torch.sigmoid(scale * self.lin(torch.cat([rows, side], dim=1)))
+
+
+@pytest.mark.parametrize("key_order", ["config", "shuffled"])
+def test_pooled_fields_tapped_and_masked_together_equal_per_id_reference(key_order: str) -> None:
+    """Several pooled single-hot fields (side and accumulator rows from their EBCs) masked and
+    tapped in one pass equal per-id indexing: outputs, mask gradients and accumulated saliency,
+    also when the collections return their keys in different orders (sharded collections do)."""
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    fields = [FieldSpec("a", 20, multi_hot=True), FieldSpec("c", 10), FieldSpec("d", 12), FieldSpec("e", 9)]
+    torch.manual_seed(0)
+    module = MaskAwareEmbedding(fields, D, mask_fn=_FieldMask(), use_side=True, use_saliency=True, saliency_steps=1)
+    counts = {f.name: np.random.default_rng(1).integers(0, 50, f.num_embeddings) for f in fields}
+    context = LocalSearchContext(module, fields, D, counts)
+    module.fill_side_tables(context, context.counts)
+    module.zero_accumulators(context)
+    assert module.acc_pooled is not None and module.side_pooled is not None
+    rng = np.random.default_rng(2)
+    bags = {f.name: ([[int(i) for i in rng.integers(0, f.num_embeddings, rng.integers(0, 3))] for _ in range(5)]
+                     if f.multi_hot else [[int(rng.integers(0, f.num_embeddings))] for _ in range(5)]) for f in fields}
+    keys = [f.name for f in fields]
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.tensor([i for k in keys for bag in bags[k] for i in bag], dtype=torch.long),
+        lengths=torch.tensor([len(bag) for k in keys for bag in bags[k]], dtype=torch.long))
+    weights = {f.name: table(module, f"t_{f.name}").clone() for f in fields}
+
+    def reorder(kt: KeyedTensor) -> KeyedTensor:
+        if key_order == "config":
+            return kt
+        order = [2, 0, 1]  # e, c, d
+        parts = kt.to_dict()
+        new_keys = [kt.keys()[i] for i in order]
+        return KeyedTensor(keys=new_keys, length_per_key=[kt.length_per_key()[i] for i in order],
+                           values=torch.cat([parts[k] for k in new_keys], dim=1))
+
+    lookups = [module.ebc(kjt), module.ec(kjt), module.side(kjt), module.acc(kjt),
+               module.side_pooled(kjt), module.acc_pooled(kjt)]
+    for i in (0, 4, 5):
+        lookups[i] = reorder(lookups[i])
+    coef = torch.randn(5, len(keys) * D)
+    out = module.mask_and_pool(*lookups)
+    assert out.keys() == keys
+    (out.values() * coef).sum().backward()
+    got_grads = [p.grad.clone() for p in module.mask_net.parameters()]
+
+    reference_net = _FieldMask()
+    reference_net.load_state_dict(module.mask_net.state_dict())
+    ref, saliency = [], {}
+    for j, f in enumerate(fields):
+        side = table(module, f"side_{f.name}")
+        acc = torch.zeros(f.num_embeddings, D)
+        pooled = []
+        for b, bag in enumerate(bags[f.name]):
+            ids = torch.tensor(bag, dtype=torch.long)
+            rows = weights[f.name][ids]
+            pooled.append((rows * reference_net(f.name, rows, side[ids])).sum(0))
+            with torch.no_grad():  # dL/d(row) of each occurrence: coef * mask (product rule on rows * mask(rows))
+                r = rows.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    ((r * reference_net(f.name, r, side[ids])).sum(0) * coef[b, j * D:(j + 1) * D]).sum().backward()
+                acc.index_add_(0, ids, (rows * r.grad).abs())
+        ref.append(torch.stack(pooled))
+        saliency[f.name] = acc
+    ref = torch.cat(ref, dim=1)
+    torch.testing.assert_close(out.values(), ref)
+    reference_net.zero_grad()
+    (ref * coef).sum().backward()
+    for got, p in zip(got_grads, reference_net.parameters()):
+        torch.testing.assert_close(got, p.grad)
+    for f in fields:
+        torch.testing.assert_close(table(module, f"acc_{f.name}"), saliency[f.name])

@@ -205,6 +205,81 @@ def test_compact_module_equals_expanded_tables() -> None:
         assert torch.all(got["e"] == 0)
 
 
+def _reference_projection(module: MixedDimEmbeddingBagCollection, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The projection as it was computed before ``_ProjectPooled``: one matmul per slot (``x @ P``,
+    identity at width D), the slots of a field summed in slot order, the fields concatenated."""
+    outs = []
+    for slots in module._output_slots:
+        out = torch.zeros(next(iter(pooled.values())).shape[0], module.embedding_dim)
+        for k, s in enumerate(slots):
+            x, P = pooled[module._inner_features[s]], module.projection.slot_weight(s)
+            y = x if P is None else x @ P
+            out = y if k == 0 else out + y
+        outs.append(out)
+    return torch.cat(outs, dim=1)
+
+
+def _mixed_plan() -> SizePlan:
+    """D = 16, groups of widths 4, 8, 12 and 16 spread so that every write mode of
+    ``_ProjectPooled`` occurs: 4 -> gathered, first writes (index_copy); 8 -> evenly spaced, some
+    fields already written (zeroed output + baddbmm_); 12 -> gathered, all written (index_add);
+    16 -> identity."""
+    half = lambda w1, w2: [GroupPlan(w1, i64(range(0, 5))), GroupPlan(w2, i64(range(5, 10)))]  # noqa: E731
+    return SizePlan("x", 16, [FieldPlan("p", 10, half(4, 8)), FieldPlan("q", 10, half(4, 8)),
+                              FieldPlan("r", 10, half(4, 8)), FieldPlan("s", 10, half(8, 12)),
+                              FieldPlan("t", 10, [GroupPlan(4)]), FieldPlan("u", 10, [GroupPlan(16)]),
+                              FieldPlan("v", 10, half(4, 12)), FieldPlan("w", 10, half(4, 12))])
+
+
+@pytest.mark.parametrize("layout", ["toy", "mixed", "uniform", "identity", "shuffled", "mixed_shuffled",
+                                    "uniform_shuffled", "identity_shuffled"])
+def test_fused_projection_equals_per_slot_reference(layout: str) -> None:
+    """``_ProjectPooled`` (strided batched GEMMs straight into the output, fused backward) computes
+    the old per-slot formula and its gradients, whatever the key order of the pooled output
+    (strided views for evenly spaced slots, index gathers otherwise)."""
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    torch.manual_seed(0)
+    if layout.startswith("uniform"):  # compact_fixed's shape: every field one group of one width
+        plan = SizePlan("x", D, [FieldPlan(n, 9, [GroupPlan(4)]) for n in "pqrstu"])
+    elif layout.startswith("mixed"):
+        plan = _mixed_plan()
+    elif layout.startswith("identity"):  # every field whole at width D: no projection at all
+        plan = SizePlan("x", D, [FieldPlan(n, 9, [GroupPlan(D)]) for n in "pqrstu"])
+    else:  # multi-group fields, a pruned field, an identity (width D) slot
+        plan = toy_plan()
+    module = build_retrain_module(plan, device="cpu")
+    widths = {c.feature_names[0]: c.embedding_dim for c in module.inner_configs()}
+    keys = list(widths)
+    if layout.endswith("shuffled"):  # a sharded collection returns keys in shard order
+        keys = [keys[i] for i in np.random.default_rng(3).permutation(len(keys))]
+    values = torch.randn(11, sum(widths[k] for k in keys), requires_grad=True)
+    kt = KeyedTensor(keys=keys, length_per_key=[widths[k] for k in keys], values=values)
+    got = module.project_pooled(kt).values()
+    coef = torch.randn_like(got)
+    (got * coef).sum().backward()
+    got_grads = [values.grad.clone()] + [p.grad.clone() for p in module.projection.parameters()]
+
+    values.grad = None
+    module.projection.zero_grad(set_to_none=True)
+    want = _reference_projection(module, kt.to_dict())
+    (want * coef).sum().backward()
+    want_grads = [values.grad] + [p.grad for p in module.projection.parameters()]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    if layout.startswith(("uniform", "identity")):
+        # One width, one group: no per-field sum, so the same products summed in the same order.
+        assert torch.equal(got, want)
+    layouts = list(module._layouts.values())
+    modes = {g.mode for lay in layouts for g in lay.groups}
+    if layout == "uniform":
+        assert modes == {"write"} and all(g.in_step is not None for lay in layouts for g in lay.groups)
+    assert all(lay.passthrough == (layout == "identity") for lay in layouts)  # no copy at all
+    if layout == "mixed":
+        assert [g.mode for g in layouts[0].groups] == ["index_copy", "add", "index_add"] and layouts[0].zero_init
+
+
 def test_meta_module_and_bad_layouts() -> None:
     plan = toy_plan()
     module = build_retrain_module(plan)  # meta by default: DMP materialises it

@@ -141,6 +141,59 @@ def test_row_below_threshold_is_zeroed(norm: int) -> None:
     torch.testing.assert_close(out["b"], table_weight(supernet, "b").detach())
 
 
+def _composed_training_mask(supernet: OptEmbedSupernet, pooled: torch.Tensor, keys: list[str]) -> torch.Tensor:
+    """The training-mode mask as it was written before ``_RowAndWidthMask``: each step its own
+    autograd node (``_row_norm``, ``BinaryStep``, ``where``, two ``[B, F, D]`` products)."""
+    from embedding_methods.optembed import _row_norm
+
+    batch = pooled.shape[0]
+    x = pooled.reshape(batch, len(keys), D)
+    index = supernet._field_index(keys)
+    prune_rows, widths = supernet._constants()
+    z = _row_norm(x, supernet.norm) - supernet.thresholds[index]
+    row_mask = torch.where(prune_rows[index], BinaryStep.apply(z), torch.ones_like(z))
+    x = x * row_mask.unsqueeze(-1)
+    draw = torch.randint(len(widths), (batch, len(keys)))
+    x = x * (torch.arange(D) < widths[draw].unsqueeze(-1)).to(x.dtype)
+    return x.reshape(batch, len(keys) * D)
+
+
+@pytest.mark.parametrize("norm", [1, 2])
+def test_fused_training_mask_equals_the_composed_formula(norm: int) -> None:
+    """``_RowAndWidthMask`` (the training step's mask in one autograd node) gives the values of the
+    composed formula bit for bit and its gradients (pooled values and thresholds)."""
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    fields = [FieldSpec("a", 8), FieldSpec("b", 8), FieldSpec("m", 8, multi_hot=True), FieldSpec("c", 8)]
+    supernet = make_supernet(make_method(fields, norm=norm)).train()
+    keys = ["b", "m", "a", "c"]  # a sharded collection's key order
+    torch.manual_seed(5)
+    pooled = torch.randn(64, len(keys) * D)
+    rows = pooled.reshape(64, len(keys), D)
+    norms = rows.abs().sum(-1) if norm == 1 else rows.norm(dim=-1)
+    with torch.no_grad():  # thresholds near the median norm: rows on both sides, slopes of every piece
+        supernet.thresholds.copy_(norms.median(0).values[[keys.index(f.name) for f in fields]] + 0.3)
+    coef = torch.randn(64, len(keys) * D)
+    results = []
+    for fused in (True, False):
+        values = pooled.clone().requires_grad_(True)
+        supernet.thresholds.grad = None
+        torch.manual_seed(11)  # the same width draw
+        if fused:
+            out = supernet.mask_pooled(KeyedTensor(keys=keys, length_per_key=[D] * len(keys), values=values)).values()
+        else:
+            out = _composed_training_mask(supernet, values, keys)
+        (out * coef).sum().backward()
+        results.append((out.detach(), values.grad, supernet.thresholds.grad.clone()))
+    (out_f, gv_f, gt_f), (out_c, gv_c, gt_c) = results
+    assert torch.equal(out_f, out_c)
+    pruned = (out_f.reshape(64, len(keys), D) == 0).all(-1)
+    assert 0 < int(pruned.sum()) < pruned.numel() and not pruned[:, 1].any()  # some rows pruned, never "m"
+    torch.testing.assert_close(gv_f, gv_c, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gt_f, gt_c, rtol=1e-5, atol=1e-5)
+    assert float(gt_f[:2].abs().sum()) > 0 and gt_f[2] == 0  # the multi-hot field's threshold gets none
+
+
 def test_dim_mask_keeps_a_prefix_of_allowed_widths() -> None:
     fields = [FieldSpec("a", 4), FieldSpec("b", 4)]
     method = make_method(fields)
