@@ -2,6 +2,7 @@
 # The GPU benchmark tables of BENCHMARKS.md, one section per argument (each fits one 10-minute
 # device call on 4 H200s). Results land in ${OUT:-/tmp/embdim_gpu}/<section>/ (bench_gpu.md,
 # results.jsonl, log). Usage: bash bench/gpu_suite.sh tw|rw|scale|parquet|bf16comm ...
+# RANKS / RANKS_RW override the rank counts of tw / rw (e.g. RANKS=1,2,4,8 on an 8-GPU machine).
 set -uo pipefail
 out=${OUT:-/tmp/embdim_gpu}
 common=(--dim 128 --set optim.sparse_optimizer=rowwise_adagrad --set mlet.inner_dim=256 --set pme.saliency_batches=4)
@@ -9,9 +10,9 @@ all=plain,full,search_optembed,search_mlet,search_amtl,search_pme,compact_fixed,
 for section in "$@"; do
   mkdir -p "$out/$section"
   case $section in
-    tw) args=(--ranks 1,2,4 --shardings table_wise --rows-per-table 1000000 --batch-sizes 8192,65536,131072
+    tw) args=(--ranks ${RANKS:-1,2,4} --shardings table_wise --rows-per-table 1000000 --batch-sizes 8192,65536,131072
               --variants $all --warmup 3 --steps 15) ;;
-    rw) args=(--ranks 2,4 --shardings row_wise --rows-per-table 1000000 --batch-sizes 8192,65536,131072
+    rw) args=(--ranks ${RANKS_RW:-2,4} --shardings row_wise --rows-per-table 1000000 --batch-sizes 8192,65536,131072
               --variants $all --warmup 3 --steps 15) ;;
     # Criteo-1TB-shaped: 26 fields, cardinalities capped at 40M, width 128, row-wise over 4 GPUs;
     # one field-level (OptEmbed supernet) and one mask-aware (PME, with its plan export at scale).
