@@ -189,3 +189,16 @@ def test_exact_resume_after_failure_and_on_one_rank(tiny, tmp_path, capfd):
     # (valid scores at step 32 come from the checkpoint; the test split is scored afresh)
     assert d["test_auc"] == pytest.approx(a["test_auc"], abs=1e-6)
     assert d["test_logloss"] == pytest.approx(a["test_logloss"], abs=1e-6)
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import os
+
+    from trainer.io import atomic_write_json
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
