@@ -44,7 +44,6 @@ import datetime
 import gc
 import itertools
 import json
-import os
 import subprocess
 import sys
 import time
@@ -485,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     results = out / "results.jsonl"
     first = len(results.read_text().splitlines()) if results.exists() else 0
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    from launch.launcher import repo_env
+
+    env = repo_env()
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--worker"]
     for nproc in _ints(args.ranks):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

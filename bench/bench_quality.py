@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -53,7 +51,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from embedding_methods.plan import FieldPlan, PlanError, SizePlan, load_plan
-from launch.run_cli import cell_dir
+from bench import cpu_description
+from launch.launcher import repo_env
+from launch.run_cli import cell_dir, run_logged
 from trainer import report as rep
 from trainer.data.manifest import DatasetError, load_counts, load_manifest
 from trainer.io import atomic_write_json, atomic_write_text
@@ -240,26 +240,8 @@ def compare_command(args: argparse.Namespace, dataset: Dataset, seed: int, out: 
 
 def run_compare(cmd: list[str], log_path: Path, echo: bool) -> tuple[int, float]:
     """Runs one compare, its output appended to ``log_path`` (and echoed); returns (exit code, s)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(log_path, "ab") as log:
-        log.write(f"\n=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {shlex.join(cmd)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            while chunk := proc.stdout.read1(65536):
-                log.write(chunk)
-                log.flush()
-                if echo:
-                    sys.stdout.write(chunk.decode(errors="replace"))
-                    sys.stdout.flush()
-            code = proc.wait()
-        finally:
-            if proc.poll() is None:  # interrupted: compare's own phases stop with it
-                proc.terminate()
-                proc.wait()
+    code = run_logged(cmd, log_path, shlex.join(cmd), echo=echo, cwd=ROOT)
     return code, time.perf_counter() - start
 
 
@@ -563,9 +545,7 @@ def ensure_synth(args: argparse.Namespace, echo: bool) -> Path:
         cmd += ["--cardinality-cap", str(cap)]
     if echo:
         print(f"quality: {shlex.join(cmd)}", flush=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=not echo, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=repo_env(), capture_output=not echo, text=True)
     if proc.returncode != 0:
         raise DatasetError(f"embdim data synth failed with exit code {proc.returncode}: "
                            f"{(proc.stderr or '').strip()[-2000:]}")
@@ -574,15 +554,7 @@ def ensure_synth(args: argparse.Namespace, echo: bool) -> Path:
 
 # ---------------------------------------------------------------------------- main
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{os.cpu_count()} CPUs ({cpu})"
+    text = cpu_description()
     try:
         import torch
 

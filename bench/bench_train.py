@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench import cpu_description
 
 
 def _machine() -> str:
@@ -31,15 +31,7 @@ def _machine() -> str:
             return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     except ImportError:
         pass
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs ({cpu})"
+    return cpu_description()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,12 +96,18 @@ def torchrun_env(args: argparse.Namespace, environ: dict[str, str] | None = None
     return env
 
 
-def run_torchrun(argv: list[str], env: dict[str, str] | None = None) -> int:
-    """Runs ``python -m torch.distributed.run ARGV`` and returns its exit code."""
-    env = dict(os.environ if env is None else env)
+def repo_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``environ`` (default: ``os.environ``) with the repository root first on
+    PYTHONPATH, so a child's ``-m launch.main`` (or ``-m bench.*``) resolves without a pip install."""
+    env = dict(os.environ if environ is None else environ)
     path = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = str(_ROOT) + (os.pathsep + path if path else "")
-    return subprocess.call([sys.executable, "-m", "torch.distributed.run", *argv], env=env)
+    return env
+
+
+def run_torchrun(argv: list[str], env: dict[str, str] | None = None) -> int:
+    """Runs ``python -m torch.distributed.run ARGV`` and returns its exit code."""
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", *argv], env=repo_env(env))
 
 
 def launch(args: argparse.Namespace) -> int:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -40,16 +39,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from launch.launcher import torchrun_argv
+from launch.data_cli import _positive_int
+from launch.launcher import repo_env, torchrun_argv
 from trainer.config import ConfigError
 from trainer.data.manifest import DatasetError, load_manifest
 from trainer.io import atomic_write_json
 from launch.phases_cli import add_config_arguments
 from trainer import report as rep
-
-# The repository root, put on the ranks' PYTHONPATH (as launch.launcher.run_torchrun does) so
-# ``-m launch.main`` resolves without a pip install.
-_ROOT = Path(__file__).resolve().parents[1]
 
 RUN_PHASES = ("search", "retrain")
 
@@ -98,20 +94,16 @@ def error_message(log_text: str) -> str:
     return (primary or errors or [""])[0]
 
 
-def run_phase(name: str, command: list[str], nproc: int, log_path: Path, echo: bool) -> None:
-    """Runs ``embdim COMMAND`` on ``nproc`` ranks through torchrun, copying the ranks' output to
-    ``log_path`` (appended: a resumed phase keeps the interrupted attempt's lines above) and, with
-    ``echo``, to stdout. Raises ``PhaseFailed`` with the ranks' error on a non-zero exit."""
-    argv = [sys.executable, "-m", "torch.distributed.run", *torchrun_argv(_launch_namespace(nproc, command))]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+def run_logged(argv: list[str], log_path: Path, header: str, *, echo: bool, cwd: Path | None = None) -> int:
+    """Runs ``argv`` (repository root on its PYTHONPATH) with stdout and stderr appended to
+    ``log_path`` under a ``=== <time> <header>`` line and, with ``echo``, copied to stdout;
+    returns the exit code. An interrupted caller terminates the child."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # The log is a running record, not an artifact: appended as it comes, never replaced.
     with open(log_path, "ab") as log:
-        log.write(f"\n=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} embdim {' '.join(command)} "
-                  f"(nproc {nproc})\n".encode())
+        log.write(f"\n=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {header}\n".encode())
         log.flush()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(argv, cwd=cwd, env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             # read1 returns what is there: tqdm's carriage-return updates pass through unbuffered.
             while chunk := proc.stdout.read1(65536):
@@ -120,11 +112,19 @@ def run_phase(name: str, command: list[str], nproc: int, log_path: Path, echo: b
                 if echo:
                     sys.stdout.write(chunk.decode(errors="replace"))
                     sys.stdout.flush()
-            code = proc.wait()
+            return proc.wait()
         finally:
-            if proc.poll() is None:  # interrupted (Ctrl-C): do not leave the ranks running
+            if proc.poll() is None:  # interrupted (Ctrl-C): do not leave the child running
                 proc.terminate()
                 proc.wait()
+
+
+def run_phase(name: str, command: list[str], nproc: int, log_path: Path, echo: bool) -> None:
+    """Runs ``embdim COMMAND`` on ``nproc`` ranks through torchrun, copying the ranks' output to
+    ``log_path`` (appended: a resumed phase keeps the interrupted attempt's lines above) and, with
+    ``echo``, to stdout. Raises ``PhaseFailed`` with the ranks' error on a non-zero exit."""
+    argv = [sys.executable, "-m", "torch.distributed.run", *torchrun_argv(_launch_namespace(nproc, command))]
+    code = run_logged(argv, log_path, f"embdim {' '.join(command)} (nproc {nproc})", echo=echo)
     if code != 0:
         message = error_message(log_path.read_text(errors="replace").split("\n=== ")[-1]) or f"exit code {code}"
         raise PhaseFailed(name, code, message, log_path)
@@ -390,16 +390,6 @@ def _compare(args: argparse.Namespace) -> int:
     # Failed cells are results (e.g. a budget a method cannot reach), not a failure of the grid;
     # a missing baseline is: the table has no reference then.
     return 0 if rows[0].done else 1
-
-
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
