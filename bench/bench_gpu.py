@@ -7,6 +7,13 @@ batch size on in-memory batches (the same batches for every variant):
 - ``plain``: TorchRec alone (``DLRMTrain(DLRM(EmbeddingBagCollection))``, fused optimizer in
   backward, ``DistributedModelParallel``, ``TrainPipelineSparseDist``), written here without any
   embdim code: the reference.
+- ``plain_d<W>``: the same plain TorchRec model with every table (and the bottom MLP's output) W
+  wide instead of ``--dim``: the ceiling any compact model of that compression can reach, as it
+  also shrinks the dense interaction (a compact model keeps it at ``--dim`` to stand in for the EBC).
+- ``ebc`` / ``ebc_d<W>``: the sharded EmbeddingBagCollection alone (fused optimizer, all-to-all,
+  no dense arch; loss = mean of the pooled outputs): the embedding-bound share of ``plain``'s step.
+- ``ebc_compact_<method>``: the retrained compact module of ``compact_<method>`` alone in the EBC's
+  place (same trivial loss): the stand-in's own throughput in the embedding-bound regime.
 - ``full``: embdim's full-width baseline (``trainer.loop.Trainer``, as ``embdim train`` builds it).
 - ``full_parquet``: the same model fed by the trainer's Parquet reader (``--loader-workers``
   processes per rank) from the on-disk synthetic dataset instead of memory: the streaming cost.
@@ -83,7 +90,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--render", nargs="+", metavar="RESULTS_JSONL",
                    help="only print the tables of existing results.jsonl files (no run)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for variant in args.variants.split(","):
+        try:
+            variant_width(variant, args.dim)
+        except ValueError as e:
+            p.error(f"--variants: {e}")
+    return args
 
 
 def _ints(text: str) -> list[int]:
@@ -144,11 +157,11 @@ def to_batch(features: dict[str, tuple[np.ndarray, np.ndarray]], dense: np.ndarr
 
 
 # ---------------------------------------------------------------------------- models
-def _config(args: argparse.Namespace, sharding: str, budget: float) -> Any:
+def _config(args: argparse.Namespace, sharding: str, budget: float, dim: int | None = None) -> Any:
     from trainer.config import load_config
     from trainer.phases import RunConfig
 
-    d = args.dim
+    d = dim or args.dim
     sets = [f"model.embedding_dim={d}", f"model.dense_arch_layer_sizes=[512, 256, {d}]",
             "model.over_arch_layer_sizes=[512, 256, 1]", f"sharding.sharding_type={sharding}",
             "data.batch_size=64", "data.num_workers=0", "train.progress_bar=false", f"search.budget={budget}",
@@ -156,8 +169,22 @@ def _config(args: argparse.Namespace, sharding: str, budget: float) -> Any:
     return load_config(None, sets, cls=RunConfig)
 
 
-def build_plain(config: Any, manifest: Any, env: Any) -> tuple[Any, Any]:
-    """Plain TorchRec: the reference every other variant is compared with (no embdim code)."""
+class EmbeddingOnly(torch.nn.Module):
+    """An EBC with a trivial loss (mean of the pooled outputs), so the step is the embedding work
+    alone: input and output all-to-alls, the lookup, and the fused optimizer's backward."""
+
+    def __init__(self, ebc: torch.nn.Module) -> None:
+        super().__init__()
+        self.ebc = ebc
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = self.ebc(batch.sparse_features).values().mean()
+        return loss, loss.detach()
+
+
+def build_plain(config: Any, manifest: Any, env: Any, embedding_only: bool = False) -> tuple[Any, Any]:
+    """Plain TorchRec: the reference every other variant is compared with (no embdim code).
+    ``embedding_only``: the sharded EBC alone (:class:`EmbeddingOnly`) instead of the DLRM."""
     from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -174,12 +201,16 @@ def build_plain(config: Any, manifest: Any, env: Any) -> tuple[Any, Any]:
     d = config.model.embedding_dim
     tables = [EmbeddingBagConfig(name=f"t_{f.name}", embedding_dim=d, num_embeddings=f.num_embeddings,
                                  feature_names=[f.name]) for f in manifest.sparse]
-    model = DLRMTrain(DLRM(embedding_bag_collection=EmbeddingBagCollection(tables=tables, device=torch.device("meta")),
-                           dense_in_features=len(manifest.dense) or 1,
-                           dense_arch_layer_sizes=list(config.model.dense_arch_layer_sizes),
-                           over_arch_layer_sizes=list(config.model.over_arch_layer_sizes), dense_device=env.device))
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    if embedding_only:
+        model: torch.nn.Module = EmbeddingOnly(ebc)
+    else:
+        model = DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=len(manifest.dense) or 1,
+                               dense_arch_layer_sizes=list(config.model.dense_arch_layer_sizes),
+                               over_arch_layer_sizes=list(config.model.over_arch_layer_sizes),
+                               dense_device=env.device))
     optim_cls, optim_kwargs = sparse_optimizer(config.optim, env.device.type)
-    apply_optimizer_in_backward(optim_cls, model.model.sparse_arch.parameters(), optim_kwargs)
+    apply_optimizer_in_backward(optim_cls, ebc.parameters(), optim_kwargs)
     constraints = {t.name: ParameterConstraints(sharding_types=[config.sharding.sharding_type],
                                                 compute_kernels=["fused"]) for t in tables}
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=env.world_size, compute_device=env.device.type,
@@ -191,9 +222,20 @@ def build_plain(config: Any, manifest: Any, env: Any) -> tuple[Any, Any]:
     dmp = DistributedModelParallel(module=model, env=ShardingEnv.from_process_group(env.pg), device=env.device,
                                    plan=plan, sharders=sharders)
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    optimizer = CombinedOptimizer([dmp.fused_optimizer, KeyedOptimizerWrapper(
-        dense, lambda ps: torch.optim.Adam(ps, lr=config.optim.dense_lr))])
-    return dmp, optimizer
+    optimizers: list = [dmp.fused_optimizer]
+    if dense:
+        optimizers.append(KeyedOptimizerWrapper(dense, lambda ps: torch.optim.Adam(ps, lr=config.optim.dense_lr)))
+    return dmp, CombinedOptimizer(optimizers)
+
+
+def variant_width(variant: str, default: int) -> int:
+    """The table width a reference variant runs at: ``plain_d32`` / ``ebc_d32`` -> 32, else ``default``."""
+    base, sep, width = variant.rpartition("_d")
+    if sep and base in ("plain", "ebc"):
+        if not width.isdigit() or int(width) <= 0 or int(width) % 4:
+            raise ValueError(f"{variant}: the width after _d must be a positive multiple of 4 (sharded tables)")
+        return int(width)
+    return default
 
 
 class Built:
@@ -224,8 +266,8 @@ def build_variant(variant: str, config: Any, data: Path, run_dir: Path, env: Any
 
     manifest = load_manifest(data)
     full_tables = build_tables(manifest, config.model.embedding_dim)
-    if variant == "plain":
-        return Built(*build_plain(config, manifest, env), full_tables)
+    if variant in ("plain", "ebc") or variant.startswith(("plain_d", "ebc_d")):
+        return Built(*build_plain(config, manifest, env, embedding_only=variant.startswith("ebc")), full_tables)
     if variant in ("full", "full_parquet"):
         trainer = Trainer(config, data, run_dir, env=env)
         return Built(trainer.model, trainer.optimizer, full_tables, keep=trainer)
@@ -245,23 +287,55 @@ def build_variant(variant: str, config: Any, data: Path, run_dir: Path, env: Any
         if hasattr(method, "init_search_state"):
             method.init_search_state(trainer.sparse_module, context)
         return Built(trainer.model, trainer.optimizer, tables, keep=(trainer, method, context))
+    if variant.startswith("ebc_compact_"):
+        # The compact module alone where the EBC stood (EmbeddingOnly): the embedding-bound
+        # regime of the stand-in, against ``ebc`` and ``ebc_d<W>``.
+        from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+        from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+        from sharding.planner import shard_model
+
+        plan = _compact_plan(variant[len("ebc_compact_"):], variant, config, manifest, data, state)
+        dmp = shard_model(EmbeddingOnly(build_retrain_module(plan, device="meta")), env, config)
+        dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))  # the projections
+        optimizer = CombinedOptimizer([dmp.fused_optimizer, KeyedOptimizerWrapper(
+            dense, lambda ps: torch.optim.Adam(ps, lr=config.optim.dense_lr))])
+        return Built(dmp, optimizer, build_retrain_module(plan, device="meta").inner_configs(),
+                     transform=IdRemapper(plan))
     if kind == "compact":
-        if name == "fixed":
-            method = build_method(config, "fixed", manifest)
-            plan = method.export_plan(None, TrainerSearchContext(None, manifest, data, budget,
-                                                                 config.model.embedding_dim))
-        elif name in state.get("plans", {}):
-            plan = state["plans"][name]
-        else:
-            raise ValueError(f"{variant}: no {name} plan; put search_{name} before it in --variants")
+        plan = _compact_plan(name, variant, config, manifest, data, state)
         remapper = IdRemapper(plan)
         trainer = Trainer(config, data, run_dir, env=env,
                           sparse_module_factory=lambda _t: build_retrain_module(plan, device="meta"),
                           feature_transform=remapper, phase="retrain")
-        state["fraction"] = plan.achieved_fraction()
         tables = build_retrain_module(plan, device="meta").inner_configs()
         return Built(trainer.model, trainer.optimizer, tables, transform=remapper, keep=trainer)
-    raise ValueError(f"unknown variant {variant!r}; choose from plain, full, search_<method>, compact_<method>")
+    raise ValueError(f"unknown variant {variant!r}; choose from plain, plain_d<W>, ebc, ebc_d<W>, full, "
+                     "full_parquet, search_<method>, compact_<method>, ebc_compact_<method>")
+
+
+def needs_plan(variant: str, variants: str) -> bool:
+    """Whether ``variant`` is a search whose plan a later ``[ebc_]compact_<method>`` retrains."""
+    name = variant[len("search_"):]
+    return variant.startswith("search_") and any(v in (f"compact_{name}", f"ebc_compact_{name}")
+                                                 for v in variants.split(","))
+
+
+def _compact_plan(name: str, variant: str, config: Any, manifest: Any, data: Path, state: dict) -> Any:
+    """The size plan a ``compact_<name>`` variant retrains: ``fixed``'s closed form at the budget,
+    or the plan exported from ``search_<name>`` earlier in the run. Sets ``state["fraction"]``."""
+    from trainer.phases import TrainerSearchContext, build_method
+
+    if name == "fixed":
+        method = build_method(config, "fixed", manifest)
+        plan = method.export_plan(None, TrainerSearchContext(None, manifest, data, config.search.budget,
+                                                             config.model.embedding_dim))
+    elif name in state.get("plans", {}):
+        plan = state["plans"][name]
+    else:
+        raise ValueError(f"{variant}: no {name} plan; put search_{name} before it in --variants")
+    state["fraction"] = plan.achieved_fraction()
+    return plan
 
 
 def export_plan(built: Built, env: Any) -> Any:
@@ -355,10 +429,10 @@ def worker(args: argparse.Namespace) -> None:
             continue  # one rank holds every table whole: all sharding types are the same placement
         state: dict[str, Any] = {"plans": {}}
         for variant in args.variants.split(","):
-            config = _config(args, sharding, args.budget)
+            config = _config(args, sharding, args.budget, variant_width(variant, args.dim))
             run_dir = out / "runs" / f"p{env.world_size}_{sharding}_{variant}"
             record: dict[str, Any] = {"nproc": env.world_size, "sharding": sharding, "variant": variant,
-                                      "dim": args.dim, "copy_gbps": bandwidth, "date": datetime.date.today().isoformat(),
+                                      "dim": variant_width(variant, args.dim), "copy_gbps": bandwidth, "date": datetime.date.today().isoformat(),
                                       "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
                                       else "cpu"}
             try:
@@ -366,6 +440,8 @@ def worker(args: argparse.Namespace) -> None:
                 built = build_variant(variant, config, data, run_dir, env, state)
                 record["build_s"] = time.perf_counter() - t0
                 record["fraction"] = state.pop("fraction", None)
+                if variant_width(variant, args.dim) != args.dim:  # a narrower reference: its width ratio
+                    record["fraction"] = variant_width(variant, args.dim) / args.dim
             except Exception as e:  # recorded and skipped: one variant failing must not hide the others
                 _emit(results_path, env, {**record, "error": f"{type(e).__name__}: {e}"})
                 continue
@@ -396,7 +472,7 @@ def worker(args: argparse.Namespace) -> None:
                     row["error"] = f"OOM: {str(e).splitlines()[0]}"
                     torch.cuda.empty_cache()
                 _emit(results_path, env, row)
-            if variant.startswith("search_") and f"compact_{variant[7:]}" in args.variants.split(","):
+            if needs_plan(variant, args.variants):
                 t0 = time.perf_counter()
                 state["plans"][variant[7:]] = export_plan(built, env)
                 _emit(results_path, env, {**record, "variant": f"export_{variant[7:]}",

@@ -246,9 +246,10 @@ def profile_variant(variant: str, args: argparse.Namespace, bargs: argparse.Name
     from torch.profiler import ProfilerActivity, profile
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from bench.bench_gpu import _config, build_variant, export_plan, make_features, to_batch
+    from bench.bench_gpu import (_config, build_variant, export_plan, make_features, needs_plan, to_batch,
+                                 variant_width)
 
-    config = _config(bargs, bargs.shardings.split(",")[0], bargs.budget)
+    config = _config(bargs, bargs.shardings.split(",")[0], bargs.budget, variant_width(variant, bargs.dim))
     t0 = time.perf_counter()
     built = build_variant(variant, config, data, Path(args.out) / "runs" / variant, env, state)
     build_s = time.perf_counter() - t0
@@ -342,7 +343,7 @@ def profile_variant(variant: str, args: argparse.Namespace, bargs: argparse.Name
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(summary) + "\n")
-    if variant.startswith("search_") and f"compact_{variant[7:]}" in args.variants.split(","):
+    if needs_plan(variant, args.variants):
         state["plans"][variant[7:]] = export_plan(built, env)
     del pipeline, built
     return summary

@@ -35,6 +35,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from embedding_methods.gemm import batched_weight_grad
 from embedding_methods.plan import SizePlan, group_feature_name, load_plan, plan_file, resolve_init_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -297,7 +298,8 @@ class _ProjectPooled(torch.autograd.Function):
                 gy = grad.view(batch, layout.num_fields, dim).index_select(1, fields).transpose(0, 1)
             w = weights[g.weight] if g.weight >= 0 else None
             if w is not None and ctx.needs_input_grad[2 + g.weight]:
-                grad_weights[g.weight] = torch.bmm(g.inputs(values).transpose(1, 2), gy)
+                # Split over rows: one batched GEMM would give each [in, D] gradient one block.
+                grad_weights[g.weight] = batched_weight_grad(g.inputs(values), gy)
             if not need_values:
                 continue
             if g.in_step is not None:
@@ -356,6 +358,8 @@ class _ProjectedEmbeddingBagCollection(nn.Module):
         self._output_names = list(output_features)
         self._output_slots = output_slots
         self._embedding_dim = int(embedding_dim)
+        # (projection, layout) per stage, per key order of the inner collection's output.
+        self._layouts: dict[tuple, list[tuple[GroupedProjection, _ProjectionLayout]]] = {}
         counts = num_embeddings_per_field or {}
         self._output_configs = [
             EmbeddingBagConfig(
@@ -382,28 +386,71 @@ class _ProjectedEmbeddingBagCollection(nn.Module):
         """The real (mixed-width) configs of the inner collection."""
         return self._inner_configs
 
-    def _project(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        raise NotImplementedError
+    def projection_stages(self) -> list[GroupedProjection]:
+        """The projections applied in turn to the inner pooled values; the last one outputs D."""
+        raise NotImplementedError(f"{type(self).__name__} must list its projection stages")
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled ``[B, D]`` embedding per output field, as a ``KeyedTensor`` (``length_per_key == [D] * F``)."""
-        # to_dict(), never positions: a sharded collection returns keys in shard order (torchrec.md 0.6).
-        pooled = self.ebc(features).to_dict()
-        ys = self._project([pooled[f] for f in self._inner_features])
-        outs = []
-        for slots in self._output_slots:
-            if not slots:  # the whole field is pruned: its embedding is zero
-                outs.append(ys[0].new_zeros(ys[0].shape[0], self._embedding_dim))
-                continue
-            out = ys[slots[0]]
-            for s in slots[1:]:
-                out = out + ys[s]
-            outs.append(out)
-        return KeyedTensor(
-            keys=self._output_names,
-            length_per_key=[self._embedding_dim] * len(self._output_names),
-            values=torch.cat(outs, dim=1),
-        )
+        # The KJT reaches the (sharded) collection untouched, as pipelining needs; the projection
+        # is one opaque fx node (it reads the pooled output's key order).
+        return _project_pooled(self, self.ebc(features))
+
+    def project_pooled(self, pooled: KeyedTensor) -> KeyedTensor:
+        """Projects the inner collection's pooled output (any key order) with ``_ProjectPooled``,
+        one call per stage."""
+        values = pooled.values()
+        for projection, layout in self._projection_layouts(pooled.keys(), pooled.length_per_key()):
+            if not layout.passthrough:
+                weights = [getattr(projection, name) for name in layout.weight_names]
+                values = _ProjectPooled.apply(values, layout, *weights)
+        return KeyedTensor(keys=self._output_names, length_per_key=[self._embedding_dim] * len(self._output_names),
+                           values=values)
+
+    def _projection_layouts(self, keys: list[str], lengths: list[int]) -> list[tuple[GroupedProjection,
+                                                                                    _ProjectionLayout]]:
+        """``(projection, layout)`` per stage for one key order of the inner output (cached).
+
+        Stage 0 reads the slots where the inner output put them; a later stage reads the previous
+        stage's ``[B, F * width]`` output, which has one block per field, so it needs one slot per
+        field (MLET's ``k -> d -> D``)."""
+        cache_key = (tuple(keys), tuple(lengths))
+        cache = self._layouts
+        if cache_key in cache:
+            return cache[cache_key]
+        name = type(self).__name__
+        stages = self.projection_stages()
+        if sorted(keys) != sorted(self._inner_features):
+            raise ValueError(f"{name}: the inner collection returned keys {keys}, expected {self._inner_features}")
+        column, offset = {}, 0
+        for key, length in zip(keys, lengths):
+            column[key] = offset
+            offset += length
+        widths = dict(zip(keys, lengths))
+        for slot, feature in enumerate(self._inner_features):
+            if widths[feature] != stages[0].in_dims[slot]:
+                raise ValueError(f"{name}: inner feature {feature!r} is {widths[feature]} wide, "
+                                 f"its table {stages[0].in_dims[slot]}")
+        field_of_slot: list[int | None] = [None] * len(self._inner_features)
+        for field, slots in enumerate(self._output_slots):
+            for slot in slots:
+                field_of_slot[slot] = field
+        num_fields = len(self._output_names)
+        columns, width = [column[f] for f in self._inner_features], offset
+        layouts = []
+        for k, projection in enumerate(stages):
+            out_width = self._embedding_dim if k == len(stages) - 1 else projection.out_dims[0]
+            if k > 0:
+                if any(len(slots) != 1 for slots in self._output_slots):
+                    raise ValueError(f"{name}: a projection after the first needs exactly one slot per field")
+                width_in = stages[k - 1].out_dims[0]
+                columns, width = [field * width_in for field in field_of_slot], num_fields * width_in  # type: ignore[operator]
+            if any(d != out_width for d in projection.out_dims):
+                raise ValueError(f"{name}: projection stage {k} must output width {out_width} for every slot")
+            layouts.append((projection, _ProjectionLayout(projection, columns, width, field_of_slot, num_fields,
+                                                          out_width)))
+        cache[cache_key] = layouts
+        return layouts
 
 
 class MixedDimEmbeddingBagCollection(_ProjectedEmbeddingBagCollection):
@@ -440,7 +487,6 @@ class MixedDimEmbeddingBagCollection(_ProjectedEmbeddingBagCollection):
         self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device(device) if device is not None else None)
         self.projection = GroupedProjection([t.embedding_dim for t in tables], [embedding_dim] * len(tables),
                                             device=device)
-        self._layouts: dict[tuple, _ProjectionLayout] = {}  # per key order of the inner collection's output
 
     def reset_parameters(self) -> None:
         """Re-initialises the projections (the tables belong to ``ebc``, sharded or not)."""
@@ -450,52 +496,11 @@ class MixedDimEmbeddingBagCollection(_ProjectedEmbeddingBagCollection):
         """Parameters of the projections (not counted in the inner tables)."""
         return self.projection.num_params()
 
-    def _project(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return self.projection(xs)
-
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Pooled ``[B, D]`` embedding per output field, as a ``KeyedTensor`` (``length_per_key == [D] * F``)."""
-        # The KJT reaches the (sharded) collection untouched, as pipelining needs; the projection
-        # is one opaque fx node (it reads the pooled output's key order).
-        return _project_pooled(self, self.ebc(features))
-
-    def project_pooled(self, pooled: KeyedTensor) -> KeyedTensor:
-        """Projects the inner collection's pooled output (any key order) with ``_ProjectPooled``."""
-        layout = self._projection_layout(pooled.keys(), pooled.length_per_key())
-        if layout.passthrough:
-            values = pooled.values()
-        else:
-            weights = [getattr(self.projection, name) for name in layout.weight_names]
-            values = _ProjectPooled.apply(pooled.values(), layout, *weights)
-        return KeyedTensor(keys=self._output_names, length_per_key=[self._embedding_dim] * len(self._output_names),
-                           values=values)
-
-    def _projection_layout(self, keys: list[str], lengths: list[int]) -> _ProjectionLayout:
-        cache_key = (tuple(keys), tuple(lengths))
-        cache = self._layouts
-        if cache_key not in cache:
-            if sorted(keys) != sorted(self._inner_features):
-                raise ValueError(f"{type(self).__name__}: the inner collection returned keys {keys}, expected "
-                                 f"{self._inner_features}")
-            column, offset = {}, 0
-            for key, length in zip(keys, lengths):
-                column[key] = offset
-                offset += length
-            widths = dict(zip(keys, lengths))
-            for slot, feature in enumerate(self._inner_features):
-                if widths[feature] != self.projection.in_dims[slot]:
-                    raise ValueError(f"{type(self).__name__}: inner feature {feature!r} is {widths[feature]} wide, "
-                                     f"its table {self.projection.in_dims[slot]}")
-            field_of_slot: list[int | None] = [None] * len(self._inner_features)
-            for field, slots in enumerate(self._output_slots):
-                for slot in slots:
-                    field_of_slot[slot] = field
-            cache[cache_key] = _ProjectionLayout(self.projection, [column[f] for f in self._inner_features], offset,
-                                                 field_of_slot, len(self._output_names), self._embedding_dim)
-        return cache[cache_key]
+    def projection_stages(self) -> list[GroupedProjection]:
+        return [self.projection]
 
 
-def _project_pooled(module: MixedDimEmbeddingBagCollection, pooled: KeyedTensor) -> KeyedTensor:
+def _project_pooled(module: _ProjectedEmbeddingBagCollection, pooled: KeyedTensor) -> KeyedTensor:
     return module.project_pooled(pooled)
 
 

@@ -104,8 +104,9 @@ class MLETEmbeddingBagCollection(_ProjectedEmbeddingBagCollection):
     def extra_embedding_params(self) -> int:
         return self.down.num_params() + self.projection.num_params()
 
-    def _project(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return self.projection(self.down(xs))
+    def projection_stages(self) -> list[GroupedProjection]:
+        """``W_t`` (k -> d), then ``P_t`` (d -> D; identity, passed through, when d == D)."""
+        return [self.down, self.projection]
 
     def down_weight(self, slot: int) -> torch.Tensor:
         """``W_t`` of inner table ``slot`` in the paper's layout ``[d, k]``."""

@@ -22,3 +22,16 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(params=[False, True], ids=["one_gemm", "split_rows"])
+def split_weight_grads(request, monkeypatch) -> bool:
+    """Runs a test twice: as on CPU (one batched GEMM per weight gradient), and with the GPU's row
+    split forced on at toy sizes (132 multiprocessors, chunks of 2 rows), so the split path of
+    ``embedding_methods.gemm`` is exercised without a GPU."""
+    if request.param:
+        from embedding_methods import gemm
+
+        monkeypatch.setattr(gemm, "multiprocessors", lambda device: 132)
+        monkeypatch.setattr(gemm, "MIN_CHUNK_ROWS", 2)
+    return request.param

@@ -331,7 +331,7 @@ def test_stacked_mask_nets_init_like_the_per_field_modules() -> None:
 
 
 @pytest.mark.parametrize("order", ["all", "subset"])
-def test_batched_mask_nets_equal_the_per_field_formulas(order: str) -> None:
+def test_batched_mask_nets_equal_the_per_field_formulas(order: str, split_weight_grads: bool) -> None:
     """``mask_rows`` (2F MLPs as one baddbmm per layer, ``masked_rows``) and the one-pass penalty
     give the values and gradients of the per-field formulas: ``rows * cumulative_width_mask(
     straight_through_one_hot(softmax(h / T)))`` field by field, and the per-field penalty sum."""

@@ -6,7 +6,8 @@ import json
 
 from bench.bench_gpu import main, render
 
-VARIANTS = ["plain", "full", "full_parquet", "search_pme", "compact_pme", "compact_fixed", "search_mlet"]
+VARIANTS = ["plain", "full", "full_parquet", "search_pme", "compact_pme", "compact_fixed", "search_mlet",
+            "plain_d16", "ebc_d16", "ebc_compact_fixed"]
 
 
 def test_every_variant_is_timed_beside_plain_torchrec(tmp_path):
@@ -32,6 +33,17 @@ def test_every_variant_is_timed_beside_plain_torchrec(tmp_path):
         # Traffic estimate: the compact tables move fewer bytes per step than the full ones.
         full, fixed = timed[(sharding, "full")], timed[(sharding, "compact_fixed")]
         assert fixed["emb_gbps"] * fixed["step_ms"] < full["emb_gbps"] * full["step_ms"]
+        # The narrower plain references run at width 16 of 32: half the parameters, half the bytes.
+        for ref in ("plain_d16", "ebc_d16"):
+            assert timed[(sharding, ref)]["fraction"] == 0.5 and timed[(sharding, ref)]["dim"] == 16
+            narrow, wide = timed[(sharding, ref)], timed[(sharding, "plain")]
+            assert abs(narrow["emb_gbps"] * narrow["step_ms"] * 2 - wide["emb_gbps"] * wide["step_ms"]) < 1e-3 * (
+                wide["emb_gbps"] * wide["step_ms"])
+        # The compact module alone in the EBC's place moves the compact tables' bytes.
+        alone = timed[(sharding, "ebc_compact_fixed")]
+        assert alone["fraction"] == fixed["fraction"]
+        assert abs(alone["emb_gbps"] * alone["step_ms"] - fixed["emb_gbps"] * fixed["step_ms"]) < 1e-3 * (
+            fixed["emb_gbps"] * fixed["step_ms"])
     report = (out / "bench_gpu.md").read_text()
     assert "| 2 | row_wise | 128 | compact_pme |" in report and "export_pme" in report
 
@@ -46,3 +58,12 @@ def test_render_compares_with_plain_of_the_same_setting():
     amtl = next(line for line in text.splitlines() if "search_amtl" in line)
     assert amtl.split("|")[8].strip() == ""  # no plain row at batch 16: no ratio rather than a wrong one
     assert "OOM: out of memory" in text
+
+
+def test_reference_widths_are_checked_before_anything_runs(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--variants", "plain,plain_d30", "--out", "/nonexistent/never_written"])
+    err = capsys.readouterr().err
+    assert "plain_d30" in err and "multiple of 4" in err

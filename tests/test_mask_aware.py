@@ -185,6 +185,28 @@ def test_saliency_accumulator_sums_abs_e_grad_per_row() -> None:
     assert module.ebc.embedding_bags["t_c"].weight.grad.abs().sum() == 0
 
 
+def test_tables_frozen_from_the_start_have_no_backward_and_the_same_saliency() -> None:
+    """PME's default (frozen from step 0): the main tables' gradient path is cut, not gated to
+    zero; the accumulated saliency is the gated path's, and the tables receive no gradient."""
+    acc, grads = {}, {}
+    for freeze_from in (0, 1):  # 1: gated (frozen from step 1, the step measured below)
+        torch.manual_seed(0)
+        module = MaskAwareEmbedding(FIELDS, D, use_saliency=True, saliency_start=1, saliency_steps=1,
+                                    freeze_tables_from=freeze_from, pooled_single_hot=True)
+        module.zero_accumulators(LocalSearchContext(module, FIELDS, D, make_counts()))
+        module.num_steps.fill_(1)  # inside the saliency window, past the freeze of either module
+        coef = torch.randn(6, len(FIELDS) * D, generator=torch.Generator().manual_seed(3))
+        out = module(make_kjt(5)[0])
+        assert "SaliencyTapBackward" in _backward_node_names(out.values())
+        (out.values() * coef).sum().backward()
+        acc[freeze_from] = {f.name: table(module, f"acc_{f.name}").clone() for f in FIELDS}
+        grads[freeze_from] = [module.ec.embeddings["t_a"].weight.grad, module.ebc.embedding_bags["t_c"].weight.grad]
+    for f in FIELDS:
+        assert acc[0][f.name].abs().sum() > 0
+        torch.testing.assert_close(acc[0][f.name], acc[1][f.name], rtol=0, atol=0)
+    assert grads[0] == [None, None] and all(float(g.abs().sum()) == 0 for g in grads[1])
+
+
 def test_repeated_ids_are_summed() -> None:
     module = MaskAwareEmbedding([FieldSpec("a", 5, multi_hot=True)], 4, use_saliency=True, saliency_steps=1)
     context = LocalSearchContext(module, module.fields, 4, {})
@@ -424,3 +446,48 @@ def test_pooled_fields_tapped_and_masked_together_equal_per_id_reference(key_ord
         torch.testing.assert_close(got, p.grad)
     for f in fields:
         torch.testing.assert_close(table(module, f"acc_{f.name}"), saliency[f.name])
+
+
+def _backward_node_names(tensor: torch.Tensor) -> list[str]:
+    seen, stack, names = set(), [tensor.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("with_unpooled", [False, True])
+def test_output_in_field_order_from_shard_ordered_lookups_without_per_field_selects(with_unpooled: bool) -> None:
+    """A sharded lookup returns its keys in shard order; putting the fields back in config order
+    is one unbind (backward: one stack), not a select per field (backward: F zero-filled
+    [B, F, D] gradients summed), and gives the same values and table gradients."""
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    fields = [FieldSpec("c", 10), FieldSpec("d", 12), FieldSpec("e", 9)]
+    if with_unpooled:
+        fields.insert(1, FieldSpec("a", 20, multi_hot=True))
+    module = MaskAwareEmbedding(fields, D, use_saliency=True, saliency_steps=1)
+    bags = {f.name: [[i, (3 * i) % f.num_embeddings][: 1 + (f.multi_hot and i % 2)] for i in range(5)]
+            for f in fields}
+    keys = [f.name for f in fields]
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.tensor([i for k in keys for bag in bags[k] for i in bag], dtype=torch.long),
+        lengths=torch.tensor([len(bag) for k in keys for bag in bags[k]], dtype=torch.long))
+    pooled = module.ebc(kjt)
+    parts = pooled.to_dict()
+    shard_order = list(reversed(pooled.keys()))
+    reordered = KeyedTensor(keys=shard_order, length_per_key=[D] * len(shard_order),
+                            values=torch.cat([parts[k] for k in shard_order], dim=1))
+    ec_out = module.ec(kjt) if module.ec is not None else None
+    acc_out = module.acc(kjt) if module.acc is not None else None
+    out = module.mask_and_pool(reordered, ec_out, None, acc_out, None, module.acc_pooled(kjt))
+    assert out.keys() == [f.name for f in fields]
+    nodes = _backward_node_names(out.values())
+    assert "SelectBackward0" not in nodes and "UnbindBackward0" in nodes
+    for f in fields:
+        if not f.multi_hot:
+            torch.testing.assert_close(out[f.name], parts[f.name])

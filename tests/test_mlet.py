@@ -102,6 +102,44 @@ def test_collapsed_module_equals_factorized(width: int) -> None:
         torch.testing.assert_close(got.values(), want.values(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("width", [4, D])
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_fused_two_stage_projection_equals_per_table_formula(width: int, shuffled: bool,
+                                                             split_weight_grads: bool) -> None:
+    """The search module projects in two ``_ProjectPooled`` stages (k -> d into a [B, F * d]
+    buffer, then d -> D, or nothing when d == D): the values and gradients of ``(x_t @ W_t) @ P_t``
+    per table, whatever key order the (sharded) inner collection returns."""
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    _, module = search_module(width, seed=3)
+    keys = [c.feature_names[0] for c in module.inner_configs()]
+    if shuffled:
+        keys = [keys[i] for i in (2, 0, 1)]
+    values = torch.randn(9, 32 * len(keys), requires_grad=True)
+    kt = KeyedTensor(keys=keys, length_per_key=[32] * len(keys), values=values)
+    got = module.project_pooled(kt)
+    coef = torch.randn_like(got.values())
+    (got.values() * coef).sum().backward()
+    params = list(module.down.parameters()) + list(module.projection.parameters())
+    got_grads = [values.grad.clone()] + [p.grad.clone() for p in params]
+    for p in [values, *params]:
+        p.grad = None
+    pooled = kt.to_dict()
+    outs = []
+    for slot, feature in enumerate(module._inner_features):
+        y = pooled[feature] @ module.down.slot_weight(slot)
+        projection = module.projection.slot_weight(slot)
+        outs.append(y if projection is None else y @ projection)
+    want = torch.cat(outs, dim=1)
+    (want * coef).sum().backward()
+    assert got.keys() == ["u", "i", "tags"]
+    torch.testing.assert_close(got.values(), want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, [values.grad] + [p.grad for p in params]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    (stages,) = module._layouts.values()
+    assert [layout.passthrough for _, layout in stages] == [False, width == D]
+
+
 def test_export_save_and_load_compact(tmp_path: Path) -> None:
     method, module = search_module(4)
     plan = method.export_plan(module, _Context(budget=1.0))
