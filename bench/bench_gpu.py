@@ -157,14 +157,15 @@ def to_batch(features: dict[str, tuple[np.ndarray, np.ndarray]], dense: np.ndarr
 
 
 # ---------------------------------------------------------------------------- models
-def _config(args: argparse.Namespace, sharding: str, budget: float, dim: int | None = None) -> Any:
+def _config(args: argparse.Namespace, sharding: str, variant: str) -> Any:
+    """The run config of one variant (at ``variant_width``) under one sharding type."""
     from trainer.config import load_config
     from trainer.phases import RunConfig
 
-    d = dim or args.dim
+    d = variant_width(variant, args.dim)
     sets = [f"model.embedding_dim={d}", f"model.dense_arch_layer_sizes=[512, 256, {d}]",
             "model.over_arch_layer_sizes=[512, 256, 1]", f"sharding.sharding_type={sharding}",
-            "data.batch_size=64", "data.num_workers=0", "train.progress_bar=false", f"search.budget={budget}",
+            "data.batch_size=64", "data.num_workers=0", "train.progress_bar=false", f"search.budget={args.budget}",
             *args.set]
     return load_config(None, sets, cls=RunConfig)
 
@@ -193,8 +194,6 @@ def build_plain(config: Any, manifest: Any, env: Any, embedding_only: bool = Fal
     from torchrec.models.dlrm import DLRM, DLRMTrain
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
-    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from sharding.planner import device_memory, get_sharders, sparse_optimizer
 
@@ -221,11 +220,19 @@ def build_plain(config: Any, manifest: Any, env: Any, embedding_only: bool = Fal
     plan = planner.collective_plan(model, sharders, env.pg)
     dmp = DistributedModelParallel(module=model, env=ShardingEnv.from_process_group(env.pg), device=env.device,
                                    plan=plan, sharders=sharders)
+    return dmp, fused_and_adam(dmp, config.optim.dense_lr)
+
+
+def fused_and_adam(dmp: Any, dense_lr: float) -> Any:
+    """The sharded tables' fused optimizers plus Adam over the dense parameters, if any."""
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     optimizers: list = [dmp.fused_optimizer]
     if dense:
-        optimizers.append(KeyedOptimizerWrapper(dense, lambda ps: torch.optim.Adam(ps, lr=config.optim.dense_lr)))
-    return dmp, CombinedOptimizer(optimizers)
+        optimizers.append(KeyedOptimizerWrapper(dense, lambda ps: torch.optim.Adam(ps, lr=dense_lr)))
+    return CombinedOptimizer(optimizers)
 
 
 def variant_width(variant: str, default: int) -> int:
@@ -289,19 +296,13 @@ def build_variant(variant: str, config: Any, data: Path, run_dir: Path, env: Any
         return Built(trainer.model, trainer.optimizer, tables, keep=(trainer, method, context))
     if variant.startswith("ebc_compact_"):
         # The compact module alone where the EBC stood (EmbeddingOnly): the embedding-bound
-        # regime of the stand-in, against ``ebc`` and ``ebc_d<W>``.
-        from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-        from torchrec.optim.optimizers import in_backward_optimizer_filter
-
+        # regime of the stand-in, against ``ebc`` and ``ebc_d<W>``; Adam trains its projections.
         from sharding.planner import shard_model
 
         plan = _compact_plan(variant[len("ebc_compact_"):], variant, config, manifest, data, state)
         dmp = shard_model(EmbeddingOnly(build_retrain_module(plan, device="meta")), env, config)
-        dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))  # the projections
-        optimizer = CombinedOptimizer([dmp.fused_optimizer, KeyedOptimizerWrapper(
-            dense, lambda ps: torch.optim.Adam(ps, lr=config.optim.dense_lr))])
-        return Built(dmp, optimizer, build_retrain_module(plan, device="meta").inner_configs(),
-                     transform=IdRemapper(plan))
+        return Built(dmp, fused_and_adam(dmp, config.optim.dense_lr),
+                     build_retrain_module(plan, device="meta").inner_configs(), transform=IdRemapper(plan))
     if kind == "compact":
         plan = _compact_plan(name, variant, config, manifest, data, state)
         remapper = IdRemapper(plan)
@@ -365,27 +366,46 @@ def copy_bandwidth(device: torch.device) -> float | None:
     return 2 * n * 4 / best / 1e9
 
 
-def time_steps(built: Built, batches: Any, env: Any, warmup: int, steps: int) -> tuple[float, float]:
-    """Mean pipelined step time (s) and this rank's peak memory (bytes; CPU: 0). ``batches``: a
-    list (cycled) or an endless iterator."""
+def host_batches(built: Built, feats: list, batch_size: int) -> tuple[list, float | None]:
+    """The variant's in-memory batches of host features ``(sparse, dense, labels)``, remapped by
+    its id transform if it has one, and that remap's time per batch in ms (None without one)."""
+    if built.transform is None:
+        return [to_batch(f, d, lab) for f, d, lab in feats], None
+    t0 = time.perf_counter()
+    transformed = [built.transform(f, batch_size) for f, _, _ in feats]
+    remap_ms = (time.perf_counter() - t0) / len(feats) * 1e3
+    return [to_batch(t, d, lab) for t, (_, d, lab) in zip(transformed, feats)], remap_ms
+
+
+def start_pipeline(built: Built, env: Any) -> Any:
+    """A ``TrainPipelineSparseDist`` over the variant in training mode."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     built.model.train()
-    pipeline = TrainPipelineSparseDist(built.model, built.optimizer, env.device, execute_all_batches=True)
-    stream = itertools.cycle(batches) if isinstance(batches, list) else batches
-    cuda = env.device.type == "cuda"
-    for _ in range(warmup):
-        pipeline.progress(stream)
-    if cuda:
-        torch.cuda.synchronize(env.device)
-        torch.cuda.reset_peak_memory_stats(env.device)
-    torch.distributed.barrier()
+    return TrainPipelineSparseDist(built.model, built.optimizer, env.device, execute_all_batches=True)
+
+
+def run_steps(pipeline: Any, stream: Any, steps: int, env: Any) -> float:
+    """Seconds for ``steps`` pipelined steps, synchronised with the device at the end."""
     t0 = time.perf_counter()
     for _ in range(steps):
         pipeline.progress(stream)
-    if cuda:
+    if env.device.type == "cuda":
         torch.cuda.synchronize(env.device)
-    elapsed = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def time_steps(built: Built, batches: Any, env: Any, warmup: int, steps: int) -> tuple[float, float]:
+    """Mean pipelined step time (s) and this rank's peak memory (bytes; CPU: 0). ``batches``: a
+    list (cycled) or an endless iterator."""
+    pipeline = start_pipeline(built, env)
+    stream = itertools.cycle(batches) if isinstance(batches, list) else batches
+    cuda = env.device.type == "cuda"
+    run_steps(pipeline, stream, warmup, env)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(env.device)
+    torch.distributed.barrier()
+    elapsed = run_steps(pipeline, stream, steps, env)
     peak = torch.cuda.max_memory_allocated(env.device) if cuda else 0
     return elapsed / steps, float(peak)
 
@@ -429,10 +449,11 @@ def worker(args: argparse.Namespace) -> None:
             continue  # one rank holds every table whole: all sharding types are the same placement
         state: dict[str, Any] = {"plans": {}}
         for variant in args.variants.split(","):
-            config = _config(args, sharding, args.budget, variant_width(variant, args.dim))
+            config = _config(args, sharding, variant)
+            width = config.model.embedding_dim
             run_dir = out / "runs" / f"p{env.world_size}_{sharding}_{variant}"
             record: dict[str, Any] = {"nproc": env.world_size, "sharding": sharding, "variant": variant,
-                                      "dim": variant_width(variant, args.dim), "copy_gbps": bandwidth, "date": datetime.date.today().isoformat(),
+                                      "dim": width, "copy_gbps": bandwidth, "date": datetime.date.today().isoformat(),
                                       "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
                                       else "cpu"}
             try:
@@ -440,26 +461,20 @@ def worker(args: argparse.Namespace) -> None:
                 built = build_variant(variant, config, data, run_dir, env, state)
                 record["build_s"] = time.perf_counter() - t0
                 record["fraction"] = state.pop("fraction", None)
-                if variant_width(variant, args.dim) != args.dim:  # a narrower reference: its width ratio
-                    record["fraction"] = variant_width(variant, args.dim) / args.dim
+                if width != args.dim:  # a narrower reference: its width ratio
+                    record["fraction"] = width / args.dim
             except Exception as e:  # recorded and skipped: one variant failing must not hide the others
                 _emit(results_path, env, {**record, "error": f"{type(e).__name__}: {e}"})
                 continue
             for batch_size, feats in host.items():
                 row = dict(record, batch_size=batch_size)
                 try:
-                    remap_ms = None
+                    remap_ms = None  # host remapping ms per batch, for per-id plans
                     if variant == "full_parquet":
                         batches = parquet_stream(data, batch_size, env, args.loader_workers)
                         lookup = batch_size * len(manifest.sparse) * args.dim * 4.0
-                    elif built.transform is not None:
-                        t0 = time.perf_counter()
-                        transformed = [built.transform(f, batch_size) for f, _, _ in feats]
-                        remap_ms = (time.perf_counter() - t0) / len(feats) * 1e3
-                        batches = [to_batch(t, d, lab) for t, (_, d, lab) in zip(transformed, feats)]
                     else:
-                        batches = [to_batch(f, d, lab) for f, d, lab in feats]
-                    if variant != "full_parquet":
+                        batches, remap_ms = host_batches(built, feats, batch_size)
                         lookup = sum(built.lookup_bytes(b) for b in batches) / len(batches)
                     step_s, peak, remap = _max_over_ranks([step_s_peak for step_s_peak in
                                                            time_steps(built, batches, env, args.warmup, args.steps)]

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import math
 import re
@@ -244,37 +245,23 @@ def per_source_line(prof: Any, steps: int, cuda: bool, top: int) -> list[tuple[s
 def profile_variant(variant: str, args: argparse.Namespace, bargs: argparse.Namespace, env: Any,
                     state: dict, manifest: Any, data: Path) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from bench.bench_gpu import (_config, build_variant, export_plan, make_features, needs_plan, to_batch,
-                                 variant_width)
+    from bench.bench_gpu import (_config, build_variant, export_plan, host_batches, make_features, needs_plan,
+                                 run_steps, start_pipeline)
 
-    config = _config(bargs, bargs.shardings.split(",")[0], bargs.budget, variant_width(variant, bargs.dim))
+    config = _config(bargs, bargs.shardings.split(",")[0], variant)
     t0 = time.perf_counter()
     built = build_variant(variant, config, data, Path(args.out) / "runs" / variant, env, state)
     build_s = time.perf_counter() - t0
     feats = [make_features(manifest, args.batch_size, seed=i) for i in range(4)]
-    if built.transform is not None:
-        batches = [to_batch(built.transform(f, args.batch_size), d, lab) for f, d, lab in feats]
-    else:
-        batches = [to_batch(f, d, lab) for f, d, lab in feats]
+    batches, _ = host_batches(built, feats, args.batch_size)
     cuda = env.device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(env.device)) if cuda else (lambda: None)
-    built.model.train()
-    pipeline = TrainPipelineSparseDist(built.model, built.optimizer, env.device, execute_all_batches=True)
-    import itertools
-
+    pipeline = start_pipeline(built, env)
     stream = itertools.cycle(batches)
-    for _ in range(args.warmup):
-        pipeline.progress(stream)
-    sync()
+    run_steps(pipeline, stream, args.warmup, env)
     step_ms = None
     if args.timed_steps:
-        t0 = time.perf_counter()
-        for _ in range(args.timed_steps):
-            pipeline.progress(stream)
-        sync()
-        step_ms = (time.perf_counter() - t0) / args.timed_steps * 1e3
+        step_ms = run_steps(pipeline, stream, args.timed_steps, env) / args.timed_steps * 1e3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync_warnings: collections.Counter = collections.Counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -283,9 +270,7 @@ def profile_variant(variant: str, args: argparse.Namespace, bargs: argparse.Name
             torch.cuda.set_sync_debug_mode("warn")
         try:
             with profile(activities=activities, record_shapes=True, with_stack=args.stack) as prof:
-                for _ in range(args.steps):
-                    pipeline.progress(stream)
-                sync()
+                run_steps(pipeline, stream, args.steps, env)
         finally:
             if cuda and args.sync_debug:
                 torch.cuda.set_sync_debug_mode(0)

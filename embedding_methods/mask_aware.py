@@ -352,7 +352,8 @@ class MaskAwareEmbedding(nn.Module):
         if self.use_saliency:
             steps = self.num_steps
             active = ((steps >= self.saliency_start) & (steps < self.saliency_stop)) & self.training
-            pass_grad = steps < self.freeze_tables_from if self.freeze_tables_from >= 0 else None
+            # Frozen from step 0: no gate, the path is cut in _tap_and_mask.
+            pass_grad = steps < self.freeze_tables_from if self.freeze_tables_from > 0 else None
         dim = self.embedding_dim
         pooled, pooled_keys = None, []
         if ebc_out is not None:
@@ -414,11 +415,11 @@ class MaskAwareEmbedding(nn.Module):
                 raise ValueError(f"MaskAwareEmbedding: fields {names}: {tuple(rows.shape)} looked-up rows but "
                                  f"{tuple(acc.shape)} accumulator rows (a single-hot field needs one id per bag)")
             if self.freeze_tables_from == 0:
-                # Frozen from the first step (PME's default): the gate would pass a zero gradient
-                # every step, so cut the path instead. Same updates (a fused optimizer moves no row
-                # on a zero gradient), without the main tables' backward: their gradient
+                # Frozen from the first step (PME's default): a gate would pass a zero gradient
+                # every step, so the path is cut instead. Same updates (a fused optimizer moves no
+                # row on a zero gradient), without the main tables' backward: their gradient
                 # all-to-all and TBE backward, and the [B, F, D] zero gradient itself.
-                rows, pass_grad = rows.detach(), None
+                rows = rows.detach()
             rows = SaliencyTap.apply(rows, acc, active, pass_grad)
         mask_fn = self.mask_fn
         if mask_fn is not None:

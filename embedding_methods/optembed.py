@@ -258,25 +258,26 @@ class OptEmbedSupernet(nn.Module):
         x = values.reshape(batch_size, len(keys), dim)
         index = self._field_index(keys)
         prune_rows, widths = self._constants()
+        width = None
+        if self.training:
+            # Uniform width per (sample, field) so every candidate width is trained about equally
+            # (reference ``get_random_field_mask``), over {4, ..., D} instead of {1, ..., D}.
+            width = widths[torch.randint(len(widths), (batch_size, len(keys)), device=x.device)]
+        elif self.candidate_widths is not None:
+            width = self.candidate_widths[index]
         if self.training and self.apply_row_mask:
-            # The search's training step. Row (feature) mask m_f = BinaryStep(||e||_p - t_f) on the
-            # full-width vector (reference ``mode_supernet='all'``), then a uniform width per
-            # (sample, field) so every candidate width is trained about equally (reference
-            # ``get_random_field_mask``), over {4, ..., D} instead of {1, ..., D}: one autograd
-            # node for both (_RowAndWidthMask; the formula of the branch below).
-            draw = torch.randint(len(widths), (batch_size, len(keys)), device=x.device)
-            x = _RowAndWidthMask.apply(x, self.thresholds[index], prune_rows[index], widths[draw], self.norm)
+            # The search's training step: the row mask below and the width mask in one autograd
+            # node (_RowAndWidthMask, the same values and gradients).
+            x = _RowAndWidthMask.apply(x, self.thresholds[index], prune_rows[index], width, self.norm)
         else:
             if self.apply_row_mask:
+                # Row (feature) mask m_f = BinaryStep(||e||_p - t_f), computed on the full-width
+                # vector before the dim mask (reference ``mode_supernet='all'``).
                 z = _row_norm(x, self.norm) - self.thresholds[index]
                 row_mask = torch.where(prune_rows[index], BinaryStep.apply(z), torch.ones_like(z))
                 x = x * row_mask.unsqueeze(-1)
-            positions = torch.arange(dim, device=x.device)
-            if self.training:
-                draw = torch.randint(len(widths), (batch_size, len(keys)), device=x.device)
-                x = x * (positions < widths[draw].unsqueeze(-1)).to(x.dtype)
-            elif self.candidate_widths is not None:
-                x = x * (positions < self.candidate_widths[index].unsqueeze(-1)).to(x.dtype)
+            if width is not None:
+                x = x * (torch.arange(dim, device=x.device) < width.unsqueeze(-1)).to(x.dtype)
         return KeyedTensor(keys=keys, length_per_key=pooled.length_per_key(),
                            values=x.reshape(batch_size, len(keys) * dim))
 
