@@ -6,12 +6,17 @@ does not list them as requirements because pip would pick an ABI-incompatible fb
 
 from setuptools import find_packages, setup
 
+_SUBPACKAGES = find_packages(include=["trainer*", "sharding*", "embedding_methods*", "launch*"])
+
 setup(
     name="embdim",
     version="0.1.0",
     description="Search and retrain mixed-dimension embeddings on TorchRec-sharded DLRM models",
     python_requires=">=3.10",
-    packages=find_packages(include=["trainer*", "sharding*", "embedding_methods*", "launch*"]),
+    # The top-level folders install as subpackages of ``embdim`` (embdim/__init__.py), so they cannot
+    # collide with a user's own ``trainer``, ``launch`` or ``sharding`` package.
+    packages=["embdim"] + [f"embdim.{p}" for p in _SUBPACKAGES],
+    package_dir={"embdim": "embdim", **{f"embdim.{p}": p.replace(".", "/") for p in _SUBPACKAGES}},
     install_requires=["pyarrow>=14", "numpy>=1.24", "tqdm", "torchmetrics==1.0.3"],
-    entry_points={"console_scripts": ["embdim = launch.main:cli"]},
+    entry_points={"console_scripts": ["embdim = embdim.launch.main:cli"]},
 )

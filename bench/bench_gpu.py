@@ -105,7 +105,7 @@ def _ints(text: str) -> list[int]:
 
 # ---------------------------------------------------------------------------- data
 def _cardinalities(args: argparse.Namespace) -> list[int]:
-    from trainer.data.synth import CRITEO_1TB_CARDINALITIES
+    from embdim.trainer.data.synth import CRITEO_1TB_CARDINALITIES
 
     if args.cardinalities == "criteo-1tb":
         cards = list(CRITEO_1TB_CARDINALITIES)
@@ -121,7 +121,7 @@ def _cardinalities(args: argparse.Namespace) -> list[int]:
 def ensure_dataset(args: argparse.Namespace) -> Path:
     """A small on-disk dataset whose manifest has the benchmark's tables (the trainer needs one;
     its rows only feed the trainer's unused reader and AMTL's frequency counts)."""
-    from trainer.data.synth import generate_synthetic
+    from embdim.trainer.data.synth import generate_synthetic
 
     data = Path(args.out) / "data"
     if not (data / "dataset.json").exists():
@@ -132,7 +132,7 @@ def ensure_dataset(args: argparse.Namespace) -> Path:
 def make_features(manifest: Any, batch_size: int, seed: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
                                                                        np.ndarray, np.ndarray]:
     """One batch on the host: ``(features, dense, labels)`` in the reader's ``FeatureDict`` form."""
-    from trainer.data.synth import zipf_ids
+    from embdim.trainer.data.synth import zipf_ids
 
     rng = np.random.default_rng(seed)
     features = {}
@@ -159,8 +159,8 @@ def to_batch(features: dict[str, tuple[np.ndarray, np.ndarray]], dense: np.ndarr
 # ---------------------------------------------------------------------------- models
 def _config(args: argparse.Namespace, sharding: str, variant: str) -> Any:
     """The run config of one variant (at ``variant_width``) under one sharding type."""
-    from trainer.config import load_config
-    from trainer.phases import RunConfig
+    from embdim.trainer.config import load_config
+    from embdim.trainer.phases import RunConfig
 
     d = variant_width(variant, args.dim)
     sets = [f"model.embedding_dim={d}", f"model.dense_arch_layer_sizes=[512, 256, {d}]",
@@ -195,7 +195,7 @@ def build_plain(config: Any, manifest: Any, env: Any, embedding_only: bool = Fal
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-    from sharding.planner import device_memory, get_sharders, sparse_optimizer
+    from embdim.sharding.planner import device_memory, get_sharders, sparse_optimizer
 
     d = config.model.embedding_dim
     tables = [EmbeddingBagConfig(name=f"t_{f.name}", embedding_dim=d, num_embeddings=f.num_embeddings,
@@ -263,13 +263,13 @@ class Built:
 def build_variant(variant: str, config: Any, data: Path, run_dir: Path, env: Any, state: dict) -> Built:
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-    from embedding_methods import IdRemapper
-    from embedding_methods.mixed_dim import build_retrain_module
-    from trainer.data.manifest import load_manifest
-    from trainer.loop import Trainer
-    from trainer.phases import TrainerSearchContext, build_method
+    from embdim.embedding_methods import IdRemapper
+    from embdim.embedding_methods.mixed_dim import build_retrain_module
+    from embdim.trainer.data.manifest import load_manifest
+    from embdim.trainer.loop import Trainer
+    from embdim.trainer.phases import TrainerSearchContext, build_method
 
-    from trainer.model import build_tables
+    from embdim.trainer.model import build_tables
 
     manifest = load_manifest(data)
     full_tables = build_tables(manifest, config.model.embedding_dim)
@@ -297,7 +297,7 @@ def build_variant(variant: str, config: Any, data: Path, run_dir: Path, env: Any
     if variant.startswith("ebc_compact_"):
         # The compact module alone where the EBC stood (EmbeddingOnly): the embedding-bound
         # regime of the stand-in, against ``ebc`` and ``ebc_d<W>``; Adam trains its projections.
-        from sharding.planner import shard_model
+        from embdim.sharding.planner import shard_model
 
         plan = _compact_plan(variant[len("ebc_compact_"):], variant, config, manifest, data, state)
         dmp = shard_model(EmbeddingOnly(build_retrain_module(plan, device="meta")), env, config)
@@ -325,7 +325,7 @@ def needs_plan(variant: str, variants: str) -> bool:
 def _compact_plan(name: str, variant: str, config: Any, manifest: Any, data: Path, state: dict) -> Any:
     """The size plan a ``compact_<name>`` variant retrains: ``fixed``'s closed form at the budget,
     or the plan exported from ``search_<name>`` earlier in the run. Sets ``state["fraction"]``."""
-    from trainer.phases import TrainerSearchContext, build_method
+    from embdim.trainer.phases import TrainerSearchContext, build_method
 
     if name == "fixed":
         method = build_method(config, "fixed", manifest)
@@ -412,7 +412,7 @@ def time_steps(built: Built, batches: Any, env: Any, warmup: int, steps: int) ->
 
 def parquet_stream(data: Path, batch_size: int, env: Any, num_workers: int) -> Any:
     """Training batches from the on-disk dataset, epoch after epoch (as ``Trainer.fit`` reads them)."""
-    from trainer.data.reader import ParquetBatchReader
+    from embdim.trainer.data.reader import ParquetBatchReader
 
     reader = ParquetBatchReader(data, "train", batch_size=batch_size, rank=env.rank, world_size=env.world_size,
                                 num_workers=num_workers, shuffle=True, seed=0,
@@ -433,8 +433,8 @@ def _max_over_ranks(values: list[float], env: Any) -> list[float]:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from trainer.data.manifest import load_manifest
-    from trainer.distributed import destroy, init_distributed
+    from embdim.trainer.data.manifest import load_manifest
+    from embdim.trainer.distributed import destroy, init_distributed
 
     env = init_distributed()
     data = Path(args.out) / "data"
@@ -575,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     results = out / "results.jsonl"
     first = len(results.read_text().splitlines()) if results.exists() else 0
     root = Path(__file__).resolve().parents[1]
-    from launch.launcher import repo_env
+    from embdim.launch.launcher import repo_env
 
     env = repo_env()
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--worker"]
@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     table = render(rows)
     header = (f"Command: python -m bench.bench_gpu {' '.join(passthrough)}\n"
               f"Date: {datetime.date.today().isoformat()}; torch {torch.__version__}\n\n")
-    from trainer.io import atomic_write_text
+    from embdim.trainer.io import atomic_write_text
 
     atomic_write_text(out / "bench_gpu.md", header + table)
     print(header + table, flush=True)

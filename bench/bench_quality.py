@@ -50,13 +50,13 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from embedding_methods.plan import FieldPlan, PlanError, SizePlan, load_plan
+from embdim.embedding_methods.plan import FieldPlan, PlanError, SizePlan, load_plan
 from bench import cpu_description
-from launch.launcher import repo_env
-from launch.run_cli import cell_dir, run_logged
-from trainer import report as rep
-from trainer.data.manifest import DatasetError, load_counts, load_manifest
-from trainer.io import atomic_write_json, atomic_write_text
+from embdim.launch.launcher import repo_env
+from embdim.launch.run_cli import cell_dir, run_logged
+from embdim.trainer import report as rep
+from embdim.trainer.data.manifest import DatasetError, load_counts, load_manifest
+from embdim.trainer.io import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 QUALITY_JSON = "quality.json"
@@ -227,7 +227,7 @@ def seed_dir(out: Path, dataset: Dataset, seed: int) -> Path:
 
 def compare_command(args: argparse.Namespace, dataset: Dataset, seed: int, out: Path) -> list[str]:
     """The ``embdim compare`` command line of one (dataset, seed)."""
-    cmd = [sys.executable, "-m", "launch.main", "compare", "--data", str(dataset.path), "--methods", args.methods,
+    cmd = [sys.executable, "-m", "embdim.launch.main", "compare", "--data", str(dataset.path), "--methods", args.methods,
            "--budgets", args.budgets, "--nproc-per-node", str(args.nproc_per_node), "--out", str(out)]
     if args.config:
         cmd += ["--config", str(args.config)]
@@ -538,7 +538,7 @@ def ensure_synth(args: argparse.Namespace, echo: bool) -> Path:
         if echo:
             print(f"quality: reusing the synthetic dataset in {out}", flush=True)
         return out
-    cmd = [sys.executable, "-m", "launch.main", "data", "synth", "--out", str(out), "--rows", str(args.synth_rows),
+    cmd = [sys.executable, "-m", "embdim.launch.main", "data", "synth", "--out", str(out), "--rows", str(args.synth_rows),
            "--seed", str(args.synth_seed), "--preset", args.synth_preset,
            "--multi-hot-fields", str(args.synth_multi_hot_fields), "--no-progress"]
     if cap:
@@ -579,7 +579,7 @@ def _parse_list(text: str, flag: str, convert) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch.phases_cli import add_config_arguments
+    from embdim.launch.phases_cli import add_config_arguments
 
     p = argparse.ArgumentParser(prog="python -m bench.bench_quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = _parse_list(args.seeds, "--seeds", int)
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
-    from embedding_methods import METHOD_NAMES
+    from embdim.embedding_methods import METHOD_NAMES
 
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:

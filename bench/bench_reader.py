@@ -29,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainer.data.manifest import Manifest, SparseField, SplitInfo, load_manifest, write_manifest
-from trainer.data.reader import ParquetBatchReader
+from embdim.trainer.data.manifest import Manifest, SparseField, SplitInfo, load_manifest, write_manifest
+from embdim.trainer.data.reader import ParquetBatchReader
 
 NUM_DENSE = 13
 # Criteo 1TB cardinalities as in the MLPerf DLRMv2 config, capped: the cap changes value ranges, not

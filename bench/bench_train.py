@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     data = out / "data"
     if not (data / "dataset.json").exists():
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "launch.main", "data", "synth", "--out", str(data), "--rows",
+        subprocess.run([sys.executable, "-m", "embdim.launch.main", "data", "synth", "--out", str(data), "--rows",
                         str(args.rows), "--cardinality-cap", str(args.cardinality_cap), "--no-progress"], check=True)
         print(f"generated {args.rows} rows in {time.perf_counter() - t0:.0f} s", flush=True)
     d = args.embedding_dim
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     for nproc in [int(x) for x in args.nproc.split(",")]:
         run = out / f"run_p{nproc}"
         subprocess.run(["rm", "-rf", str(run)], check=True)
-        cmd = [sys.executable, "-m", "launch.main", "launch", "--nproc-per-node", str(nproc), "--", "train",
+        cmd = [sys.executable, "-m", "embdim.launch.main", "launch", "--nproc-per-node", str(nproc), "--", "train",
                "--data", str(data), "--out", str(run), *[a for s in sets for a in ("--set", s)]]
         subprocess.run(cmd, check=True)
         m = json.loads((run / "metrics.json").read_text())

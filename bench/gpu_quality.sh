@@ -9,7 +9,7 @@ rows=${1:-50000000}; shift || true
 methods=${*:-optembed mlet pme}
 out=${OUT:-/tmp/embdim_quality}; work=/tmp/embdim_quality_work
 mkdir -p "$out" "$work"
-E="python -m launch.main"
+E="python -m embdim.launch.main"
 S=(--set data.batch_size=16384 --set data.eval_batch_size=131072 --set model.embedding_dim=64
    --set "model.dense_arch_layer_sizes=[512,256,64]" --set "model.over_arch_layer_sizes=[512,256,1]"
    --set data.num_workers=4 --set train.progress_bar=false --set optim.sparse_optimizer=rowwise_adagrad

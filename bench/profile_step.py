@@ -337,8 +337,8 @@ def profile_variant(variant: str, args: argparse.Namespace, bargs: argparse.Name
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     from bench.bench_gpu import ensure_dataset
-    from trainer.data.manifest import load_manifest
-    from trainer.distributed import destroy, init_distributed
+    from embdim.trainer.data.manifest import load_manifest
+    from embdim.trainer.distributed import destroy, init_distributed
 
     bargs = _bench_args(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ in ``_registry()`` below, a config under ``configs/`` and a test.
 
 For users of a finished run::
 
-    from embedding_methods import IdRemapper, load_compact_embedding, load_plan
+    from embdim.embedding_methods import IdRemapper, load_compact_embedding, load_plan
 
     module = load_compact_embedding("runs/mde")        # stands in for the DLRM's EBC
     remap = IdRemapper(load_plan("runs/mde"))            # the data pipeline's feature_transform
@@ -21,12 +21,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embedding_methods.plan import FieldPlan, GroupPlan, PlanError, SizePlan, load_plan, save_plan, summarize_plan
-from embedding_methods.remap import IdRemapper, retrain_feature_names
+from embdim.embedding_methods.plan import FieldPlan, GroupPlan, PlanError, SizePlan, load_plan, save_plan, summarize_plan
+from embdim.embedding_methods.remap import IdRemapper, retrain_feature_names
 
 if TYPE_CHECKING:
-    from embedding_methods.base import EmbeddingMethod
-    from embedding_methods.mixed_dim import MixedDimEmbeddingBagCollection
+    from embdim.embedding_methods.base import EmbeddingMethod
+    from embdim.embedding_methods.mixed_dim import MixedDimEmbeddingBagCollection
 
 __all__ = [
     "METHODS", "METHOD_NAMES", "get_method", "load_compact_embedding", "IdRemapper", "retrain_feature_names",
@@ -39,12 +39,12 @@ METHOD_NAMES = ("fixed", "mde", "mlet", "optembed", "amtl", "pme")
 
 
 def _registry() -> dict[str, type[EmbeddingMethod]]:
-    from embedding_methods.amtl import AMTL
-    from embedding_methods.fixed import FixedWidth
-    from embedding_methods.mde import MDE
-    from embedding_methods.mlet import MLET
-    from embedding_methods.optembed import OptEmbed
-    from embedding_methods.pme import PME
+    from embdim.embedding_methods.amtl import AMTL
+    from embdim.embedding_methods.fixed import FixedWidth
+    from embdim.embedding_methods.mde import MDE
+    from embdim.embedding_methods.mlet import MLET
+    from embdim.embedding_methods.optembed import OptEmbed
+    from embdim.embedding_methods.pme import PME
 
     registry = {"fixed": FixedWidth, "mde": MDE, "mlet": MLET, "optembed": OptEmbed, "amtl": AMTL, "pme": PME}
     assert tuple(registry) == METHOD_NAMES
@@ -62,7 +62,7 @@ def __getattr__(name: str) -> Any:
 
 def get_method(name: str) -> type[EmbeddingMethod]:
     """The method class registered under ``name``; ValueError naming the choices otherwise."""
-    from embedding_methods import METHODS
+    from embdim.embedding_methods import METHODS
 
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
@@ -77,6 +77,6 @@ def load_compact_embedding(run_dir_or_plan: str | Path, device: Any = "cpu") -> 
     trainer) when present, else the plan's ``init_checkpoint``, else keeps a fresh init. Feed it KJTs
     built from ``IdRemapper(plan)`` outputs.
     """
-    from embedding_methods.mixed_dim import load_compact_embedding as _load
+    from embdim.embedding_methods.mixed_dim import load_compact_embedding as _load
 
     return _load(run_dir_or_plan, device=device)

@@ -53,12 +53,12 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext
-from embedding_methods.gemm import batched_affine
-from embedding_methods.grouping import allowed_widths, retrain_init_state_from_tables, size_plan_from_widths
-from embedding_methods.mask_aware import (NUM_SIDE_FEATURES, MaskAwareEmbedding, copy_into_table, main_table_name,
+from embdim.embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext
+from embdim.embedding_methods.gemm import batched_affine
+from embdim.embedding_methods.grouping import allowed_widths, retrain_init_state_from_tables, size_plan_from_widths
+from embdim.embedding_methods.mask_aware import (NUM_SIDE_FEATURES, MaskAwareEmbedding, copy_into_table, main_table_name,
                                           side_features, side_table_name)
-from embedding_methods.plan import SizePlan
+from embdim.embedding_methods.plan import SizePlan
 
 logger = logging.getLogger(__name__)
 
@@ -394,8 +394,9 @@ class AMTL(EmbeddingMethod):
             _check(self.retrain_init in RETRAIN_INITS, "retrain_init", f"must be one of {list(RETRAIN_INITS)}",
                    self.retrain_init)
 
-    def __init__(self, config: "AMTL.Config", fields: list[FieldSpec], embedding_dim: int) -> None:
-        super().__init__(config, fields, embedding_dim)
+    def __init__(self, config: "AMTL.Config", fields: list[FieldSpec], embedding_dim: int, *,
+                 layout: str | None = None) -> None:
+        super().__init__(config, fields, embedding_dim, layout=layout)
         _check(config.initial_width <= embedding_dim, "initial_width", f"must be at most D={embedding_dim}",
                config.initial_width)
 
@@ -489,7 +490,8 @@ class AMTL(EmbeddingMethod):
         }
         budget = cfg.budget if 0 < cfg.budget < 1 else context.budget
         plan = size_plan_from_widths(self.name, self.embedding_dim, [f.name for f in self.fields], widths,
-                                     max_groups=cfg.max_groups, budget=budget if budget < 1 else None,
+                                     layout=self.layout, max_groups=cfg.max_groups,
+                                     budget=budget if budget < 1 else None,
                                      extra=extra)
         logger.info("amtl: achieved fraction %.4f (expected %.4f)", plan.achieved_fraction(), expected)
         return plan

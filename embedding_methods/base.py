@@ -30,6 +30,8 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from embdim.embedding_methods.plan import LAYOUTS
+
 
 @dataclass(frozen=True)
 class FieldSpec:
@@ -78,12 +80,16 @@ class EmbeddingMethod(ABC):
     """Base class of a method. Subclasses define ``name`` and a nested ``Config`` dataclass."""
 
     name: str = ""
+    default_layout: str = "project"
+    """The plan layout (``embedding_methods.plan.LAYOUTS``) used when the run does not choose one:
+    ``pad`` (zero padding, the papers' models) for every method but MDE, which is defined with
+    projections."""
     search_trains_compact_model: bool = False
     """True when the plan's start weights already compute exactly what the trained search model
     computed (MLET's collapse): the retrain phase then only evaluates them unless
     ``retrain.epochs`` asks for fine-tuning."""
 
-    def __init__(self, config: Any, fields: list[FieldSpec], embedding_dim: int) -> None:
+    def __init__(self, config: Any, fields: list[FieldSpec], embedding_dim: int, *, layout: str | None = None) -> None:
         config_cls = getattr(type(self), "Config", None)
         if config_cls is not None and not isinstance(config, config_cls):
             raise ValueError(f"{self.name}: config must be {type(self).__name__}.Config, got {type(config).__name__}")
@@ -93,9 +99,14 @@ class EmbeddingMethod(ABC):
                 or embedding_dim % 4:
             # FBGEMM TBE: every sharded table width is a multiple of 4 (torchrec.md section 0.2).
             raise ValueError(f"{self.name}: embedding_dim must be a positive multiple of 4, got {embedding_dim!r}")
+        layout = self.default_layout if layout is None else layout
+        if layout not in LAYOUTS:
+            raise ValueError(f"{self.name}: layout must be one of {list(LAYOUTS)}, got {layout!r}")
         self.config = config
         self.fields = list(fields)
         self.embedding_dim = embedding_dim
+        self.layout = layout
+        """How the exported plan's narrow groups reach D; the budget counts what it stores."""
 
     @abstractmethod
     def search_tables(self) -> list[EmbeddingBagConfig]:

@@ -13,10 +13,10 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext
-from embedding_methods.mixed_dim import table_name_for_feature
-from embedding_methods.plan import WIDTH_MULTIPLE, SizePlan, uniform_plan
-from trainer.config import ConfigError
+from embdim.embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext
+from embdim.embedding_methods.mixed_dim import table_name_for_feature
+from embdim.embedding_methods.plan import WIDTH_MULTIPLE, SizePlan, uniform_plan
+from embdim.trainer.config import ConfigError
 
 
 class BudgetError(ValueError):
@@ -66,8 +66,9 @@ class FixedWidth(EmbeddingMethod):
                 raise ConfigError(f"fixed.width: must be 0 or a positive multiple of {WIDTH_MULTIPLE}, "
                                   f"got {self.width!r}")
 
-    def __init__(self, config: "FixedWidth.Config", fields: list[FieldSpec], embedding_dim: int) -> None:
-        super().__init__(config, fields, embedding_dim)
+    def __init__(self, config: "FixedWidth.Config", fields: list[FieldSpec], embedding_dim: int, *,
+                 layout: str | None = None) -> None:
+        super().__init__(config, fields, embedding_dim, layout=layout)
         if config.width > embedding_dim:
             raise ConfigError(f"fixed.width: {config.width} exceeds model.embedding_dim {embedding_dim}")
 
@@ -90,7 +91,7 @@ class FixedWidth(EmbeddingMethod):
         else:
             width, budget = self.default_width(), None
         return uniform_plan(self.name, [(f.name, f.num_embeddings) for f in self.fields], self.embedding_dim,
-                            [width] * len(self.fields), budget=budget, extra={"width": width})
+                            [width] * len(self.fields), layout=self.layout, budget=budget, extra={"width": width})
 
     def export_plan(self, module: nn.Module, context: SearchContext) -> SizePlan:
         return self.plan_for_budget(context.budget)

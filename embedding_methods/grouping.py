@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from embedding_methods.plan import WIDTH_MULTIPLE, FieldPlan, GroupPlan, SizePlan
+from embdim.embedding_methods.plan import WIDTH_MULTIPLE, FieldPlan, GroupPlan, SizePlan
 
 SNAP_RULES = ("nearest", "down", "up")
 
@@ -118,10 +118,11 @@ def widths_from_field_plan(field: FieldPlan) -> np.ndarray:
 
 
 def size_plan_from_widths(method: str, embedding_dim: int, names: list[str], widths: list[np.ndarray], *,
-                          max_groups: int = 0, budget: float | None = None, extra: dict | None = None) -> SizePlan:
+                          layout: str, max_groups: int = 0, budget: float | None = None,
+                          extra: dict | None = None) -> SizePlan:
     """A validated ``SizePlan`` from per-id widths of every field (in ``names`` order)."""
     plan = SizePlan(
-        method=method, embedding_dim=embedding_dim, budget=budget, extra=dict(extra or {}),
+        method=method, embedding_dim=embedding_dim, budget=budget, extra=dict(extra or {}), layout=layout,
         fields=[field_plan_from_widths(n, w, max_groups=max_groups) for n, w in zip(names, widths, strict=True)],
     )
     plan.validate(f"{method} plan")
@@ -177,8 +178,8 @@ def retrain_init_state_from_tables(plan: SizePlan, full_weights: dict[str, torch
         column_scores (dict[str, torch.Tensor] | None): ``{field: [num_embeddings, D]}`` per-entry
             scores choosing each id's kept entries (PME's saliency); None keeps the first w columns.
     """
-    from embedding_methods.mixed_dim import build_retrain_module, table_name_for_feature
-    from embedding_methods.plan import group_feature_name
+    from embdim.embedding_methods.mixed_dim import build_retrain_module, table_name_for_feature
+    from embdim.embedding_methods.plan import group_feature_name
 
     module = build_retrain_module(plan, device="cpu")
     slots = [c.name for c in module.inner_configs()]

@@ -67,7 +67,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embedding_methods.base import FieldSpec
+from embdim.embedding_methods.base import FieldSpec
 
 logger = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from embedding_methods.base import EmbeddingMethod, SearchContext
-from embedding_methods.fixed import BudgetError, full_width_tables
-from embedding_methods.plan import WIDTH_MULTIPLE, SizePlan, uniform_plan
-from trainer.config import ConfigError
+from embdim.embedding_methods.base import EmbeddingMethod, SearchContext
+from embdim.embedding_methods.fixed import BudgetError, full_width_tables
+from embdim.embedding_methods.plan import WIDTH_MULTIPLE, SizePlan, uniform_plan
+from embdim.trainer.config import ConfigError
 
 
 def _round_widths(raw: np.ndarray, embedding_dim: int, round_to_power_of_2: bool) -> np.ndarray:
@@ -144,7 +144,7 @@ class MDE(EmbeddingMethod):
                                    round_to_power_of_2=self.config.round_to_power_of_2, alpha=self.config.alpha)
         return uniform_plan(
             self.name, [(f.name, f.num_embeddings) for f in self.fields], self.embedding_dim, widths.tolist(),
-            budget=budget,
+            layout=self.layout, budget=budget,
             extra={"alpha": alpha, "md_threshold": self.config.md_threshold,
                    "round_to_power_of_2": self.config.round_to_power_of_2},
         )

@@ -35,8 +35,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embedding_methods.gemm import batched_weight_grad
-from embedding_methods.plan import SizePlan, group_feature_name, load_plan, plan_file, resolve_init_checkpoint
+from embdim.embedding_methods.gemm import batched_weight_grad
+from embdim.embedding_methods.plan import SizePlan, group_feature_name, load_plan, plan_file, resolve_init_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -31,16 +31,16 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext
-from embedding_methods.fixed import fixed_width_for_budget, full_width_tables
-from embedding_methods.mixed_dim import (
+from embdim.embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext
+from embdim.embedding_methods.fixed import fixed_width_for_budget, full_width_tables
+from embdim.embedding_methods.mixed_dim import (
     GroupedProjection,
     MixedDimEmbeddingBagCollection,
     _ProjectedEmbeddingBagCollection,
 )
-from embedding_methods.plan import WIDTH_MULTIPLE, SizePlan, plan_file, uniform_plan
-from trainer.config import ConfigError
-from trainer.io import atomic_path
+from embdim.embedding_methods.plan import WIDTH_MULTIPLE, SizePlan, plan_file, uniform_plan
+from embdim.trainer.config import ConfigError
+from embdim.trainer.io import atomic_path
 
 
 def collapse_table(V: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -196,8 +196,9 @@ class MLET(EmbeddingMethod):
             if not self.init_std > 0:
                 raise ConfigError(f"mlet.init_std: must be positive, got {self.init_std!r}")
 
-    def __init__(self, config: "MLET.Config", fields: list[FieldSpec], embedding_dim: int) -> None:
-        super().__init__(config, fields, embedding_dim)
+    def __init__(self, config: "MLET.Config", fields: list[FieldSpec], embedding_dim: int, *,
+                 layout: str | None = None) -> None:
+        super().__init__(config, fields, embedding_dim, layout=layout)
         if config.width > embedding_dim:
             raise ConfigError(f"mlet.width: {config.width} exceeds model.embedding_dim {embedding_dim}")
         cards = [f.num_embeddings for f in fields]
@@ -234,7 +235,7 @@ class MLET(EmbeddingMethod):
         budget = self.config.budget if 0 < self.config.budget < 1 else context.budget
         return uniform_plan(
             self.name, [(f.name, f.num_embeddings) for f in self.fields], self.embedding_dim,
-            [self.width] * len(self.fields), budget=budget if budget is not None and budget < 1 else None,
+            [self.width] * len(self.fields), layout=self.layout, budget=budget if budget is not None and budget < 1 else None,
             extra={"inner_dim": self.inner_dim, "width": self.width, "init": self.config.init,
                    "collapse": "V_t W_t^T"},
         )

@@ -50,8 +50,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext, full_width_params
-from embedding_methods.plan import FieldPlan, GroupPlan, SizePlan
+from embdim.embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext, full_width_params
+from embdim.embedding_methods.plan import FieldPlan, GroupPlan, SizePlan
 
 logger = logging.getLogger(__name__)
 
@@ -669,8 +669,9 @@ class OptEmbed(EmbeddingMethod):
                 if not ok:
                     raise ValueError(f"optembed.{key}: {message}, got {getattr(self, key)!r}")
 
-    def __init__(self, config: "OptEmbed.Config", fields: list[FieldSpec], embedding_dim: int) -> None:
-        super().__init__(config, fields, embedding_dim)
+    def __init__(self, config: "OptEmbed.Config", fields: list[FieldSpec], embedding_dim: int, *,
+                 layout: str | None = None) -> None:
+        super().__init__(config, fields, embedding_dim, layout=layout)
         self._model: DLRM | None = None
 
     @property
@@ -691,8 +692,8 @@ class OptEmbed(EmbeddingMethod):
         source = initial if self.config.retrain_init == "rewind" else searched
         if source is None:
             raise ValueError("optembed.retrain_init='rewind' needs the step-0 supernet; the trainer passed none")
-        from embedding_methods.mixed_dim import build_retrain_module, table_name_for_feature
-        from embedding_methods.plan import group_feature_name
+        from embdim.embedding_methods.mixed_dim import build_retrain_module, table_name_for_feature
+        from embdim.embedding_methods.plan import group_feature_name
 
         module = build_retrain_module(plan, device="cpu")
         tables = _supernet(source).ebc.embedding_bags
@@ -811,7 +812,7 @@ class OptEmbed(EmbeddingMethod):
                 groups = [GroupPlan(width=int(width), ids=ids)]
             field_plans.append(FieldPlan(name=f.name, num_embeddings=f.num_embeddings, groups=groups))
         return SizePlan(
-            method=self.name, embedding_dim=dim, fields=field_plans,
+            method=self.name, embedding_dim=dim, fields=field_plans, layout=self.layout,
             budget=float(context.budget),
             extra={
                 "thresholds": {f.name: float(t) for f, t in zip(self.fields, thresholds)},

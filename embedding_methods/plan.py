@@ -5,8 +5,16 @@ that share one width (a multiple of 4, the FBGEMM TBE requirement); ids in no gr
 (their embedding is the zero vector). Per-field methods (fixed, MDE, MLET, OptEmbed's dims) use one
 group holding every id (``ids=None``); per-id methods (OptEmbed's row pruning, PME, AMTL) split a
 field into several groups. Retrain turns each group into one compact table (see
-``embedding_methods.mixed_dim.build_retrain_module``) followed by a bias-free projection to the
-common width D when the group is narrower than D.
+``embedding_methods.mixed_dim.build_retrain_module``); the plan's ``layout`` says how a group
+narrower than the common width D reaches D:
+
+``pad``
+    its w values followed by D - w zeros. Nothing is stored beyond the tables. This is the model
+    OptEmbed, AMTL, PME and MLET define (trailing dims masked / a narrower table), and the default
+    of every method but MDE.
+``project``
+    a learned bias-free ``w -> D`` projection per group (MDE's ``E = V P``), counted in the
+    parameters and the budget.
 
 On disk a plan is ``plan.json`` plus one ``.npy`` file per explicit id group::
 
@@ -30,11 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from trainer.io import atomic_save_npy, atomic_write_json
+from embdim.trainer.io import atomic_save_npy, atomic_write_json
 
 SCHEMA_VERSION = 1
 PLAN_FILE = "plan.json"
 BYTES_PER_PARAM = 4  # float32 tables and projections
+LAYOUTS = ("pad", "project")
+"""How a group narrower than D reaches D: zero padding (no parameters) or a learned projection."""
+DEFAULT_LAYOUT = "pad"
+LEGACY_LAYOUT = "project"  # plans written before layouts existed were all projected
 WIDTH_MULTIPLE = 4  # FBGEMM TBE: every sharded table's (local) width must be a multiple of 4
 
 
@@ -87,10 +99,15 @@ class FieldPlan:
     def num_table_params(self) -> int:
         return sum(g.num_rows(self.num_embeddings) * g.width for g in self.groups)
 
-    def num_projection_params(self, embedding_dim: int) -> int:
-        # One bias-free width -> D projection per group narrower than D (MDE, Ginart et al. 2021,
-        # Sec. 3: E_t = V_t P_t with P_t in R^{d_t x D}); a group already at D needs none.
-        return sum(g.width * embedding_dim for g in self.groups if g.width != embedding_dim)
+    def num_projection_params(self, embedding_dim: int, layout: str) -> int:
+        # project: one bias-free width -> D projection per group narrower than D (MDE, Ginart et
+        # al. 2021, Sec. 3: E_t = V_t P_t with P_t in R^{d_t x D}); a group already at D needs
+        # none. pad: zero padding stores nothing.
+        return layout_projection_params(self.widths, embedding_dim, layout)
+
+    def num_params(self, embedding_dim: int, layout: str) -> int:
+        """Parameters this field stores under ``layout``: tables plus projections."""
+        return self.num_table_params() + self.num_projection_params(embedding_dim, layout)
 
 
 @dataclass
@@ -105,6 +122,8 @@ class SizePlan:
         extra (dict): method-specific JSON-serialisable data (MDE's alpha, evolution log, ...).
         init_checkpoint (str | None): path, relative to the plan file, of retrain-table weights to
             start from (MLET's collapsed tables, OptEmbed's inherited rows); ``None`` = fresh init.
+        layout (str): ``"pad"`` or ``"project"`` (see the module docstring); the parameter counts
+            and the budget count exactly what the layout stores.
     """
 
     method: str
@@ -113,6 +132,7 @@ class SizePlan:
     budget: float | None = None
     extra: dict = field(default_factory=dict)
     init_checkpoint: str | None = None
+    layout: str = DEFAULT_LAYOUT
 
     def field(self, name: str) -> FieldPlan:
         for f in self.fields:
@@ -124,7 +144,7 @@ class SizePlan:
         return sum(f.num_table_params() for f in self.fields)
 
     def num_projection_params(self) -> int:
-        return sum(f.num_projection_params(self.embedding_dim) for f in self.fields)
+        return sum(f.num_projection_params(self.embedding_dim, self.layout) for f in self.fields)
 
     def num_params(self) -> int:
         """Parameters of the compact embedding: tables plus projections."""
@@ -137,9 +157,22 @@ class SizePlan:
     def achieved_fraction(self) -> float:
         return self.num_params() / max(self.full_params(), 1)
 
+    def projection_share(self) -> float:
+        """Share of the plan's parameters held by projections (0 for ``pad``)."""
+        return self.num_projection_params() / max(self.num_params(), 1)
+
     def validate(self, source: str = "plan") -> None:
         """Raises ``PlanError`` (prefixed with ``source``) unless the plan is well formed."""
         validate_plan(self, source)
+
+
+def layout_projection_params(widths: list[int], embedding_dim: int, layout: str) -> int:
+    """Projection parameters of groups of the given widths under ``layout`` (0 for ``pad``)."""
+    if layout not in LAYOUTS:
+        raise PlanError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    if layout == "pad":
+        return 0
+    return sum(int(w) * embedding_dim for w in widths if w != embedding_dim)
 
 
 def _is_int(x: Any) -> bool:
@@ -164,6 +197,8 @@ def validate_plan(plan: SizePlan, source: str = "plan") -> None:
     if plan.budget is not None and (isinstance(plan.budget, bool) or not isinstance(plan.budget, (int, float))
                                     or not math.isfinite(plan.budget) or not 0 < plan.budget <= 1):
         fail(f"budget must be a fraction in (0, 1] of the full-width parameters, or null; got {plan.budget!r}")
+    if plan.layout not in LAYOUTS:
+        fail(f"layout must be one of {list(LAYOUTS)}, got {plan.layout!r}")
     if not isinstance(plan.extra, dict):
         fail(f"extra must be an object, got {type(plan.extra).__name__}")
     if plan.init_checkpoint is not None and (not isinstance(plan.init_checkpoint, str) or not plan.init_checkpoint):
@@ -287,7 +322,7 @@ def save_plan(plan: SizePlan, path: str | Path) -> Path:
             "num_embeddings": int(f.num_embeddings),
             "num_rows": f.num_rows,
             "widths": [int(w) for w in f.widths],
-            "num_params": f.num_table_params() + f.num_projection_params(plan.embedding_dim),
+            "num_params": f.num_params(plan.embedding_dim, plan.layout),
             "groups": groups_json,
         })
     doc = {
@@ -295,11 +330,13 @@ def save_plan(plan: SizePlan, path: str | Path) -> Path:
         "method": plan.method,
         "budget": None if plan.budget is None else float(plan.budget),
         "embedding_dim": int(plan.embedding_dim),
+        "layout": plan.layout,
         "num_table_params": plan.num_table_params(),
         "num_projection_params": plan.num_projection_params(),
         "num_params": plan.num_params(),
         "full_params": plan.full_params(),
         "achieved_fraction": plan.achieved_fraction(),
+        "projection_share": plan.projection_share(),
         "init_checkpoint": plan.init_checkpoint,
         "fields": fields_json,
         "extra": extra_json,
@@ -313,8 +350,9 @@ def save_plan(plan: SizePlan, path: str | Path) -> Path:
     return path
 
 
-_TOP_KEYS = {"schema_version", "method", "budget", "embedding_dim", "fields", "extra", "init_checkpoint",
-             "num_table_params", "num_projection_params", "num_params", "full_params", "achieved_fraction"}
+_TOP_KEYS = {"schema_version", "method", "budget", "embedding_dim", "fields", "extra", "init_checkpoint", "layout",
+             "num_table_params", "num_projection_params", "num_params", "full_params", "achieved_fraction",
+             "projection_share"}
 _FIELD_KEYS = {"name", "num_embeddings", "groups", "num_rows", "widths", "num_params"}
 _GROUP_KEYS = {"width", "ids", "num_rows"}
 
@@ -398,7 +436,7 @@ def load_plan(path: str | Path) -> SizePlan:
     plan = SizePlan(
         method=raw["method"], embedding_dim=raw["embedding_dim"], fields=fields,
         budget=raw.get("budget"), extra=extra if extra is not None else {},
-        init_checkpoint=raw.get("init_checkpoint"),
+        init_checkpoint=raw.get("init_checkpoint"), layout=raw.get("layout", LEGACY_LAYOUT),
     )
     validate_plan(plan, str(path))
     return plan
@@ -428,10 +466,10 @@ def summarize_plan(plan: SizePlan, *, bar_width: int = 40) -> str:
     num_ids = sum(f.num_embeddings for f in plan.fields)
     kept = sum(f.num_rows for f in plan.fields)
     lines = [
-        f"method: {plan.method}    embedding_dim D={D}    fields: {len(plan.fields)}",
+        f"method: {plan.method}    embedding_dim D={D}    fields: {len(plan.fields)}    layout: {plan.layout}",
         f"ids kept: {kept:,} of {num_ids:,} ({kept / max(num_ids, 1):.1%}); pruned: {num_ids - kept:,}",
-        f"parameters: {total:,} = tables {tables:,} + projections {proj:,}   "
-        f"({_fmt_bytes(total * BYTES_PER_PARAM)} float32)",
+        f"parameters: {total:,} = tables {tables:,} + projections {proj:,} ({plan.projection_share():.1%} in "
+        f"projections)   ({_fmt_bytes(total * BYTES_PER_PARAM)} float32)",
         f"full width: {full:,} ({_fmt_bytes(full * BYTES_PER_PARAM)} float32)",
         "achieved fraction: {:.4f}{}".format(
             plan.achieved_fraction(), "" if plan.budget is None else f"    budget: {plan.budget:.4f}"),
@@ -460,16 +498,16 @@ def summarize_plan(plan: SizePlan, *, bar_width: int = 40) -> str:
     lines.append(f"  {'field':<{name_width}} {'ids':>14} {'kept':>14} {'params':>14}  widths (width:rows)")
     for f in plan.fields:
         groups = " ".join(f"{g.width}:{g.num_rows(f.num_embeddings):,}" for g in f.groups) or "(pruned)"
-        params = f.num_table_params() + f.num_projection_params(D)
+        params = f.num_params(D, plan.layout)
         lines.append(f"  {f.name:<{name_width}} {f.num_embeddings:>14,} {f.num_rows:>14,} {params:>14,}  {groups}")
     return "\n".join(lines)
 
 
 def uniform_plan(method: str, fields: list[tuple[str, int]], embedding_dim: int, widths: list[int],
-                 *, budget: float | None = None, extra: dict | None = None) -> SizePlan:
+                 *, layout: str, budget: float | None = None, extra: dict | None = None) -> SizePlan:
     """A plan keeping every id, with one width per field (fixed, MDE, MLET)."""
     plan = SizePlan(
-        method=method, embedding_dim=embedding_dim, budget=budget, extra=dict(extra or {}),
+        method=method, embedding_dim=embedding_dim, budget=budget, extra=dict(extra or {}), layout=layout,
         fields=[FieldPlan(name=name, num_embeddings=int(n), groups=[GroupPlan(width=int(w))])
                 for (name, n), w in zip(fields, widths, strict=True)],
     )

@@ -57,11 +57,11 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from embedding_methods.base import EmbeddingMethod, SearchContext, full_width_params
-from embedding_methods.grouping import (SNAP_RULES, retrain_init_state_from_tables,
+from embdim.embedding_methods.base import EmbeddingMethod, SearchContext, full_width_params
+from embdim.embedding_methods.grouping import (SNAP_RULES, retrain_init_state_from_tables,
                                         size_plan_from_widths, snap_widths)
-from embedding_methods.mask_aware import MaskAwareEmbedding, acc_table_name, main_table_name
-from embedding_methods.plan import SizePlan
+from embdim.embedding_methods.mask_aware import MaskAwareEmbedding, acc_table_name, main_table_name
+from embdim.embedding_methods.plan import SizePlan
 
 logger = logging.getLogger(__name__)
 
@@ -399,7 +399,7 @@ class PME(EmbeddingMethod):
         target = budget * full
 
         def make_plan(widths: list[np.ndarray]) -> SizePlan:
-            return size_plan_from_widths(self.name, dim, names, widths, max_groups=cfg.max_groups,
+            return size_plan_from_widths(self.name, dim, names, widths, layout=self.layout, max_groups=cfg.max_groups,
                                          budget=budget if budget < 1 else None)
 
         def evaluate(keep: int) -> tuple[SizePlan, GlobalThreshold, list[np.ndarray]]:
@@ -508,7 +508,7 @@ def _repair_to_budget(plan: SizePlan, kept: list[np.ndarray], eligible: list[np.
 
     Deterministic, so identical on every rank. Returns ``(plan, number of id moves)``.
     """
-    from embedding_methods.grouping import allowed_widths, widths_from_field_plan
+    from embdim.embedding_methods.grouping import allowed_widths, widths_from_field_plan
 
     dim = plan.embedding_dim
     choices = allowed_widths(dim)

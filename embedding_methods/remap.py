@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from embedding_methods.plan import SizePlan, field_file_stems, group_feature_name
-from trainer.io import atomic_save_npy
+from embdim.embedding_methods.plan import SizePlan, field_file_stems, group_feature_name
+from embdim.trainer.io import atomic_save_npy
 
 
 class RemapError(ValueError):

@@ -60,7 +60,7 @@ def _progress(args) -> bool:
 
 
 def _synth(args) -> int:
-    from trainer.data.synth import generate_synthetic
+    from embdim.trainer.data.synth import generate_synthetic
 
     m = generate_synthetic(
         args.out, num_rows=args.rows, seed=args.seed, preset=args.preset, num_files=args.num_files,
@@ -72,7 +72,7 @@ def _synth(args) -> int:
 
 
 def _criteo(args) -> int:
-    from trainer.data.convert import convert_criteo
+    from embdim.trainer.data.convert import convert_criteo
 
     m = convert_criteo(args.input, args.out, split=args.split, min_count=args.min_count,
                        row_group_size=args.row_group_size, progress=_progress(args))
@@ -81,7 +81,7 @@ def _criteo(args) -> int:
 
 
 def _avazu(args) -> int:
-    from trainer.data.convert import convert_avazu
+    from embdim.trainer.data.convert import convert_avazu
 
     m = convert_avazu(args.input, args.out, split=args.split, min_count=args.min_count,
                       row_group_size=args.row_group_size, progress=_progress(args))
@@ -90,7 +90,7 @@ def _avazu(args) -> int:
 
 
 def _csv(args) -> int:
-    from trainer.data.convert import convert_csv
+    from embdim.trainer.data.convert import convert_csv
 
     m = convert_csv(
         args.input, args.out, label=args.label, dense=args.dense, sparse=args.sparse,

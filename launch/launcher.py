@@ -1,7 +1,7 @@
 """``embdim launch``: start any embdim subcommand on N ranks per node through torchrun.
 
 ``embdim launch --nproc-per-node 2 -- train --data D --out R`` runs
-``python -m torch.distributed.run --nproc_per_node 2 --standalone -m launch.main train --data D --out R``.
+``python -m torch.distributed.run --nproc_per_node 2 --standalone -m embdim.launch.main train --data D --out R``.
 The subcommands read their rank from torchrun's environment, so starting them with ``torchrun``
 directly works the same.
 
@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-# The repository root (parent of launch/): put on the workers' PYTHONPATH so ``-m launch.main``
+# The repository root (parent of launch/): put on the workers' PYTHONPATH so ``-m embdim.launch.main``
 # resolves even when embdim is not pip-installed.
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def torchrun_argv(args: argparse.Namespace) -> list[str]:
     single_node = args.nnodes in (None, "1", "1:1")
     if args.standalone or (single_node and args.rdzv_endpoint is None and args.master_port is None):
         argv.append("--standalone")
-    return argv + ["-m", "launch.main", *command]
+    return argv + ["-m", "embdim.launch.main", *command]
 
 
 def torchrun_env(args: argparse.Namespace, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -98,7 +98,7 @@ def torchrun_env(args: argparse.Namespace, environ: dict[str, str] | None = None
 
 def repo_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of ``environ`` (default: ``os.environ``) with the repository root first on
-    PYTHONPATH, so a child's ``-m launch.main`` (or ``-m bench.*``) resolves without a pip install."""
+    PYTHONPATH, so a child's ``-m embdim.launch.main`` (or ``-m bench.*``) resolves without a pip install."""
     env = dict(os.environ if environ is None else environ)
     path = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = str(_ROOT) + (os.pathsep + path if path else "")

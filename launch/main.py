@@ -11,7 +11,7 @@ Subcommands::
     embdim demo --out DIR [--rows N]              synthetic data, search + retrain on 2 CPU ranks, prints AUC
 
 Rank-level subcommands (``train``) read their rank from torchrun's environment, so both
-``embdim launch --nproc-per-node 2 -- train ...`` and ``torchrun --nproc_per_node 2 -m launch.main
+``embdim launch --nproc-per-node 2 -- train ...`` and ``torchrun --nproc_per_node 2 -m embdim.launch.main
 train ...`` work; without torchrun they run on one rank.
 
 Each subcommand lives in a ``register(subparsers)`` function listed in ``COMMANDS``; a handler
@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from launch import data_cli, phases_cli, plan_cli, run_cli
-from launch.launcher import add_arguments as add_launch_arguments
-from launch.launcher import launch, run_torchrun, torchrun_argv
-from trainer.checkpoint import CheckpointError
-from trainer.config import ConfigError, load_config
-from trainer.data.manifest import DatasetError, require_dataset
-from trainer.logger import init_logger
+from embdim.launch import data_cli, phases_cli, plan_cli, run_cli
+from embdim.launch.launcher import add_arguments as add_launch_arguments
+from embdim.launch.launcher import launch, run_torchrun, torchrun_argv
+from embdim.trainer.checkpoint import CheckpointError
+from embdim.trainer.config import ConfigError, load_config
+from embdim.trainer.data.manifest import DatasetError, require_dataset
+from embdim.trainer.logger import init_logger
 
 logger = logging.getLogger("embdim")
 
@@ -60,10 +60,10 @@ DEMO_SETTINGS = [
 
 # ---------------------------------------------------------------------------- train
 def _train(args: argparse.Namespace) -> int:
-    from trainer.distributed import abort, destroy, init_distributed
-    from trainer.loop import Trainer
+    from embdim.trainer.distributed import abort, destroy, init_distributed
+    from embdim.trainer.loop import Trainer
 
-    from trainer.phases import RunConfig
+    from embdim.trainer.phases import RunConfig
 
     # One TOML serves train, search and retrain: method sections are accepted (and unused) here.
     config = load_config(args.config, args.set, cls=RunConfig)
@@ -95,7 +95,7 @@ def register_launch(subparsers: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
-    from embedding_methods import get_method
+    from embdim.embedding_methods import get_method
 
     # Check the flags before generating data and starting ranks: a typo must not cost a data set
     # and a torchrun failure report.
@@ -110,7 +110,7 @@ def _demo(args: argparse.Namespace) -> int:
     if (data / "dataset.json").exists():
         print(f"demo: reusing the dataset in {data}")
     else:
-        from trainer.data.synth import generate_synthetic
+        from embdim.trainer.data.synth import generate_synthetic
 
         print(f"demo: generating {args.rows} synthetic Criteo-shaped rows into {data}")
         generate_synthetic(data, num_rows=args.rows, seed=args.seed, progress=False)

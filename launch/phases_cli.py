@@ -15,20 +15,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trainer.config import ConfigError, load_config
-from trainer.data.manifest import DatasetError, require_dataset
+from embdim.trainer.config import ConfigError, load_config
+from embdim.trainer.data.manifest import DatasetError, require_dataset
 
 
 def load_run_config(args: argparse.Namespace, extra: list[str] = ()) -> "object":
-    from trainer.phases import RunConfig
+    from embdim.trainer.phases import RunConfig
 
     return load_config(args.config, [*args.set, *extra], cls=RunConfig)
 
 
 def _search(args: argparse.Namespace) -> int:
-    from embedding_methods import get_method
-    from trainer.distributed import destroy, init_distributed
-    from trainer.phases import run_search
+    from embdim.embedding_methods import get_method
+    from embdim.trainer.distributed import destroy, init_distributed
+    from embdim.trainer.phases import run_search
 
     get_method(args.method)  # unknown names fail before any rank starts
     extra = []
@@ -52,8 +52,8 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    from trainer.distributed import destroy, init_distributed
-    from trainer.phases import run_retrain
+    from embdim.trainer.distributed import destroy, init_distributed
+    from embdim.trainer.phases import run_retrain
 
     config = load_run_config(args)
     data = require_dataset(args.data)
@@ -85,7 +85,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from embedding_methods import METHOD_NAMES
+    from embdim.embedding_methods import METHOD_NAMES
 
     p = subparsers.add_parser("search", help="search embedding sizes with a method; writes RUN_DIR/plan.json")
     _add_common(p)

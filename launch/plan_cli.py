@@ -13,7 +13,7 @@ import sys
 
 
 def _show(args: argparse.Namespace) -> int:
-    from embedding_methods.plan import load_plan, plan_file, summarize_plan
+    from embdim.embedding_methods.plan import load_plan, plan_file, summarize_plan
 
     path = plan_file(args.plan)
     plan = load_plan(path)

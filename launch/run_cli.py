@@ -39,13 +39,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from launch.data_cli import _positive_int
-from launch.launcher import repo_env, torchrun_argv
-from trainer.config import ConfigError
-from trainer.data.manifest import DatasetError, load_manifest
-from trainer.io import atomic_write_json
-from launch.phases_cli import add_config_arguments
-from trainer import report as rep
+from embdim.launch.data_cli import _positive_int
+from embdim.launch.launcher import repo_env, torchrun_argv
+from embdim.trainer.config import ConfigError
+from embdim.trainer.data.manifest import DatasetError, load_manifest
+from embdim.trainer.io import atomic_write_json
+from embdim.launch.phases_cli import add_config_arguments
+from embdim.trainer import report as rep
 
 RUN_PHASES = ("search", "retrain")
 
@@ -248,9 +248,9 @@ def _settings(args: argparse.Namespace) -> list[str]:
 def _validate(args: argparse.Namespace, methods: list[str], budgets: list[float]) -> None:
     """Flags, dataset and config checked once before any rank starts: a typo fails in a second,
     not after the first phase of a grid."""
-    from embedding_methods import get_method
-    from trainer.config import load_config
-    from trainer.phases import RunConfig
+    from embdim.embedding_methods import get_method
+    from embdim.trainer.config import load_config
+    from embdim.trainer.phases import RunConfig
 
     for method in methods:
         get_method(method)  # ValueError naming the choices
@@ -266,7 +266,7 @@ def _validate(args: argparse.Namespace, methods: list[str], budgets: list[float]
 
 def execute_run(args: argparse.Namespace, method: str, budget: float, run_dir: Path, echo: bool, say) -> rep.ReportRow:
     """Search + retrain (each skipped when finished) + the run's report.md. Raises PhaseFailed."""
-    from embedding_methods import load_plan
+    from embdim.embedding_methods import load_plan
 
     identity = {"kind": "run", "method": method, "budget": budget}
     state = RunState(run_dir, identity)
@@ -399,7 +399,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from embedding_methods import METHOD_NAMES
+    from embdim.embedding_methods import METHOD_NAMES
 
     p = subparsers.add_parser("run", help="search + retrain + test + report in one command (resumable)")
     _add_common(p)

@@ -32,8 +32,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from trainer.config import Config, ConfigError, OptimConfig, ShardingConfig
-from trainer.distributed import DistEnv
+from embdim.trainer.config import Config, ConfigError, OptimConfig, ShardingConfig
+from embdim.trainer.distributed import DistEnv
 
 logger = logging.getLogger(__name__)
 

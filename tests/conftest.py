@@ -30,7 +30,7 @@ def split_weight_grads(request, monkeypatch) -> bool:
     split forced on at toy sizes (132 multiprocessors, chunks of 2 rows), so the split path of
     ``embedding_methods.gemm`` is exercised without a GPU."""
     if request.param:
-        from embedding_methods import gemm
+        from embdim.embedding_methods import gemm
 
         monkeypatch.setattr(gemm, "multiprocessors", lambda device: 132)
         monkeypatch.setattr(gemm, "MIN_CHUNK_ROWS", 2)

@@ -9,11 +9,11 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embedding_methods.amtl import (AMTL, INITIAL_LOGIT, AMTLMaskNet, amtl_from_baseline, amtl_warm_start_keys,
+from embdim.embedding_methods.amtl import (AMTL, INITIAL_LOGIT, AMTLMaskNet, amtl_from_baseline, amtl_warm_start_keys,
                                     cumulative_width_mask, masked_rows, straight_through_one_hot)
-from embedding_methods.base import FieldSpec
-from embedding_methods.grouping import field_plan_from_widths, widths_from_field_plan
-from embedding_methods.mask_aware import LocalSearchContext, side_features, side_table_rows
+from embdim.embedding_methods.base import FieldSpec
+from embdim.embedding_methods.grouping import field_plan_from_widths, widths_from_field_plan
+from embdim.embedding_methods.mask_aware import LocalSearchContext, side_features, side_table_rows
 
 D = 16
 FIELDS = [FieldSpec("a", 40, multi_hot=True), FieldSpec("b", 30)]
@@ -206,8 +206,8 @@ def _pin_heads(module, h_choice: int, l_choice: int) -> None:
 
 
 def test_inherit_retrain_start_reproduces_the_masked_search_model() -> None:
-    from embedding_methods.mixed_dim import build_retrain_module, features_to_kjt
-    from embedding_methods.remap import IdRemapper, retrain_feature_names
+    from embdim.embedding_methods.mixed_dim import build_retrain_module, features_to_kjt
+    from embdim.embedding_methods.remap import IdRemapper, retrain_feature_names
 
     method = AMTL(AMTL.Config(retrain_init="inherit"), FIELDS, D)
     assert method.wants_retrain_init()

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from launch.main import main
+from embdim.launch.main import main
 from tests.tiny_data import write_tiny_dataset
 
 SMALL = ["data.batch_size=64", "data.eval_batch_size=128", "model.embedding_dim=8",

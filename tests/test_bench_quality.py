@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from bench import bench_quality as bq
-from embedding_methods.plan import FieldPlan, GroupPlan, SizePlan, load_plan, save_plan
+from embdim.embedding_methods.plan import FieldPlan, GroupPlan, SizePlan, load_plan, save_plan
 from tests.tiny_data import FIELDS, tiny_run_flags, write_tiny_dataset
-from trainer.data.manifest import load_counts, load_manifest, write_manifest
+from embdim.trainer.data.manifest import load_counts, load_manifest, write_manifest
 
 DIM = 16
 # On the tiny tables (D=16) the narrowest uniform plan is 0.40 of full width (tests/test_run_compare.py),

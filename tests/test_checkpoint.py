@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.main import main
+from embdim.launch.main import main
 from tests.multiprocess import run_multiprocess
 from tests.tiny_data import write_tiny_dataset
-from trainer.data.manifest import load_manifest
-from trainer.data.reader import list_work_units
-from trainer.sample_log import SampleAccount, reconcile_sample_log
+from embdim.trainer.data.manifest import load_manifest
+from embdim.trainer.data.reader import list_work_units
+from embdim.trainer.sample_log import SampleAccount, reconcile_sample_log
 
 TINY = ["data.batch_size=64", "data.eval_batch_size=128", "model.embedding_dim=8",
         "model.dense_arch_layer_sizes=[16, 8]", "model.over_arch_layer_sizes=[16, 1]",
@@ -38,7 +38,7 @@ def _full(value, like: torch.Tensor | None = None):
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    from sharding.state import all_reduce_sum
+    from embdim.sharding.state import all_reduce_sum
 
     if value is not None and not isinstance(value, ShardedTensor):
         return value
@@ -59,9 +59,9 @@ def _flatten(tree, prefix=""):
 
 
 def _restore_body(rank: int, world_size: int, data: str, run_dir: str) -> None:
-    from trainer.config import load_config
-    from trainer.distributed import init_distributed
-    from trainer.loop import Trainer
+    from embdim.trainer.config import load_config
+    from embdim.trainer.distributed import init_distributed
+    from embdim.trainer.loop import Trainer
 
     env = init_distributed()
     common = [*TINY, "optim.sparse_optimizer=rowwise_adagrad", "train.max_steps=5"]
@@ -194,7 +194,7 @@ def test_exact_resume_after_failure_and_on_one_rank(tiny, tmp_path, capfd):
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     import os
 
-    from trainer.io import atomic_write_json
+    from embdim.trainer.io import atomic_write_json
 
     umask = os.umask(0o022)
     try:

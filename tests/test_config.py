@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import Config, ConfigError, config_to_dict, load_config, merge_overrides
+from embdim.trainer.config import Config, ConfigError, config_to_dict, load_config, merge_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def test_methods_toml_matches_dataclass_defaults(tmp_path):
     # with default.toml it is a complete run config.
     import tomllib
 
-    from trainer.phases import RunConfig
+    from embdim.trainer.phases import RunConfig
 
     methods = (REPO / "configs" / "methods.toml").read_text()
     assert set(tomllib.loads(methods)) == {"search", "retrain", "fixed", "mde", "mlet", "optembed", "amtl", "pme"}

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trainer.data.convert import _count_lines, convert_avazu, convert_criteo, convert_csv
-from trainer.data.manifest import DatasetError, load_counts, load_manifest
-from trainer.data.writer import SplitWriter, ValueCounter, build_vocab, parse_split, split_sizes
+from embdim.trainer.data.convert import _count_lines, convert_avazu, convert_criteo, convert_csv
+from embdim.trainer.data.manifest import DatasetError, load_counts, load_manifest
+from embdim.trainer.data.writer import SplitWriter, ValueCounter, build_vocab, parse_split, split_sizes
 
 CRITEO_FILES = ("train.txt", "valid.txt", "test.txt")
 AVAZU_FILES = ("train.csv", "valid.csv", "test.csv")
@@ -154,7 +154,7 @@ def test_criteo_fraction_split_is_contiguous(shared_data, tmp_path):
 
 
 def test_output_independent_of_block_and_batch_sizes(shared_data, tmp_path, monkeypatch):
-    import trainer.data.convert as convert
+    import embdim.trainer.data.convert as convert
 
     d = shared_data / "criteo_kaggle_8k"
     kw = dict(split="0.8,0.1,0.1", min_count=2, row_group_size=777, progress=False)
@@ -394,7 +394,7 @@ def test_split_writer_row_groups_and_files(tmp_path):
 
 
 def _cli(argv: list[str]) -> int:
-    from launch.data_cli import register
+    from embdim.launch.data_cli import register
 
     parser = argparse.ArgumentParser(prog="embdim")
     register(parser.add_subparsers(dest="command"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from embedding_methods import gemm
-from embedding_methods.gemm import batched_affine, batched_weight_grad, split_rows
+from embdim.embedding_methods import gemm
+from embdim.embedding_methods.gemm import batched_affine, batched_weight_grad, split_rows
 
 
 def test_split_rows_fills_the_gpu_without_short_chunks() -> None:

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from launch.launcher import torchrun_argv
-from launch.main import COMMANDS, build_parser, cli, main
+from embdim.launch.launcher import torchrun_argv
+from embdim.launch.main import COMMANDS, build_parser, cli, main
 from tests.tiny_data import write_tiny_dataset
 
 
@@ -38,7 +38,7 @@ def test_train_arguments():
 
 def test_launch_single_node_defaults_to_standalone():
     argv = _launch_argv(["--nproc-per-node", "2", "--", "train", "--data", "D", "--out", "R", "--set", "a.b=1"])
-    assert argv == ["--nproc_per_node", "2", "--standalone", "-m", "launch.main",
+    assert argv == ["--nproc_per_node", "2", "--standalone", "-m", "embdim.launch.main",
                     "train", "--data", "D", "--out", "R", "--set", "a.b=1"]
 
 
@@ -48,7 +48,7 @@ def test_launch_multi_node_flags():
                          "--", "train", "--data", "D", "--out", "R"])
     assert argv[:argv.index("-m")] == ["--nproc_per_node", "8", "--nnodes", "2", "--rdzv_backend", "c10d",
                                        "--rdzv_endpoint", "host0:29400", "--rdzv_id", "job7", "--max_restarts", "3"]
-    assert argv[argv.index("-m"):] == ["-m", "launch.main", "train", "--data", "D", "--out", "R"]
+    assert argv[argv.index("-m"):] == ["-m", "embdim.launch.main", "train", "--data", "D", "--out", "R"]
     assert "--standalone" not in argv
 
 

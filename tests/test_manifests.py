@@ -1,6 +1,6 @@
 """Drift test: every embdim command line shipped in docker/ parses with the real CLI.
 
-Sources: the Dockerfiles (ENTRYPOINT/CMD, and any ``embdim`` / ``python -m launch.main`` in RUN
+Sources: the Dockerfiles (ENTRYPOINT/CMD, and any ``embdim`` / ``python -m embdim.launch.main`` in RUN
 lines) and the Kubernetes manifests in docker/k8s (each container's ``command``/``args``, written
 as JSON-style flow lists so they can be read without a YAML library; the image's ENTRYPOINT is
 ``embdim``, so ``args`` alone is an embdim command line). Each argv is parsed by
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.launcher import torchrun_argv
-from launch.main import build_parser
+from embdim.launch.launcher import torchrun_argv
+from embdim.launch.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu"]
@@ -61,11 +61,11 @@ def _check_subcommand(args, where: str) -> None:
     """Rank-level subcommands: the config file exists in the image and the --set keys are real."""
     if args.command_name not in ("train", "search", "retrain"):
         return
-    from trainer.config import load_config
+    from embdim.trainer.config import load_config
 
     cls = None
     if args.command_name in ("search", "retrain"):
-        from trainer.phases import RunConfig
+        from embdim.trainer.phases import RunConfig
 
         cls = RunConfig
     config = None
@@ -78,7 +78,7 @@ def _check_subcommand(args, where: str) -> None:
     except ValueError as e:
         raise DriftError(f"{where}: config rejected: {e}") from None
     if args.command_name == "search":
-        from embedding_methods import METHOD_NAMES
+        from embdim.embedding_methods import METHOD_NAMES
 
         if args.method not in METHOD_NAMES:
             raise DriftError(f"{where}: --method {args.method!r} is not one of {list(METHOD_NAMES)}")
@@ -160,7 +160,7 @@ def container_argvs(doc: str, where: str) -> list[list[str]]:
         if command is not None:
             if command[:1] == ["embdim"]:
                 argv = command[1:] + argv
-            elif command[:3] == ["python", "-m", "launch.main"]:
+            elif command[:3] == ["python", "-m", "embdim.launch.main"]:
                 argv = command[3:] + argv
             else:
                 continue  # not an embdim container
@@ -189,7 +189,7 @@ def dockerfile_argvs(path: Path) -> list[tuple[str, list[str]]]:
             words = shlex.split(part)
             if words[:1] == ["embdim"]:
                 found.append(("RUN", words[1:]))
-            elif words[:3] == ["python", "-m", "launch.main"]:
+            elif words[:3] == ["python", "-m", "embdim.launch.main"]:
                 found.append(("RUN", words[3:]))
     if entrypoint != ["embdim"]:
         raise DriftError(f"{path}: ENTRYPOINT {entrypoint} is not [\"embdim\"]; the manifests rely on it")

@@ -9,8 +9,8 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embedding_methods.base import FieldSpec
-from embedding_methods.mask_aware import (SIDE_WIDTH, LocalSearchContext, MaskAwareEmbedding, copy_into_table,
+from embdim.embedding_methods.base import FieldSpec
+from embdim.embedding_methods.mask_aware import (SIDE_WIDTH, LocalSearchContext, MaskAwareEmbedding, copy_into_table,
                                           segment_sum, side_table_rows)
 from tests.multiprocess import run_multiprocess
 
@@ -227,7 +227,7 @@ def test_segment_sum_matches_loop_and_fallback() -> None:
     lengths = torch.tensor([2, 0, 5])
     expected = torch.stack([values[:2].sum(0), torch.zeros(4), values[2:].sum(0)])
     torch.testing.assert_close(segment_sum(values, lengths), expected)
-    from embedding_methods import mask_aware
+    from embdim.embedding_methods import mask_aware
 
     mask_aware._segment_reduce_ok[("cpu", torch.float32)] = False
     try:
@@ -257,7 +257,7 @@ def _shard(sparse: nn.Module, world_size: int):
     from torchrec.distributed.types import ShardingEnv, ShardingPlan
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-    from sharding.planner import RowWiseEmbeddingBagCollectionSharder, RowWiseEmbeddingCollectionSharder
+    from embdim.sharding.planner import RowWiseEmbeddingBagCollectionSharder, RowWiseEmbeddingCollectionSharder
 
     # Mixed on purpose: table-wise on either rank and row-wise (the CPU row-wise sharders of
     # sharding/planner.py), for the main, side and accumulator tables alike.
@@ -292,8 +292,8 @@ def _shard(sparse: nn.Module, world_size: int):
 def _sharded_body(rank: int, world_size: int) -> None:
     import torch.distributed as dist
 
-    from embedding_methods.amtl import AMTL
-    from embedding_methods.pme import PME
+    from embdim.embedding_methods.amtl import AMTL
+    from embdim.embedding_methods.pme import PME
 
     def all_reduce(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-import embedding_methods
-from embedding_methods import get_method
-from embedding_methods.base import FieldSpec
-from embedding_methods.fixed import BudgetError, FixedWidth, fixed_width_for_budget, uniform_params
-from embedding_methods.mde import MDE, mde_params, mde_widths, mde_widths_for_alpha
-from embedding_methods.mixed_dim import build_retrain_module
-from trainer.config import ConfigError
+from embdim import embedding_methods
+from embdim.embedding_methods import get_method
+from embdim.embedding_methods.base import FieldSpec
+from embdim.embedding_methods.fixed import BudgetError, FixedWidth, fixed_width_for_budget, uniform_params
+from embdim.embedding_methods.mde import MDE, mde_params, mde_widths, mde_widths_for_alpha
+from embdim.embedding_methods.mixed_dim import build_retrain_module
+from embdim.trainer.config import ConfigError
 
 # Criteo Kaggle's 26 cardinalities after min-count filtering (order of magnitude), tiny to 1e7.
 CRITEO = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,

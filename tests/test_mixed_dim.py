@@ -16,14 +16,14 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 
-from embedding_methods.mixed_dim import (
+from embdim.embedding_methods.mixed_dim import (
     GroupedProjection,
     MixedDimEmbeddingBagCollection,
     build_retrain_module,
     features_to_kjt,
 )
-from embedding_methods.plan import FieldPlan, GroupPlan, SizePlan, save_plan
-from embedding_methods.remap import IdRemapper, RemapError, retrain_feature_names
+from embdim.embedding_methods.plan import FieldPlan, GroupPlan, SizePlan, save_plan
+from embdim.embedding_methods.remap import IdRemapper, RemapError, retrain_feature_names
 from tests.multiprocess import run_multiprocess
 
 D = 8
@@ -46,7 +46,7 @@ def i64(xs) -> np.ndarray:
 
 def toy_plan() -> SizePlan:
     """Split + pruned (a), whole at 4 (b), whole at D (c), multi-hot split (d), pruned (e), multi-hot pruned (f)."""
-    return SizePlan(method="toy", embedding_dim=D, budget=0.5, fields=[
+    return SizePlan(method="toy", embedding_dim=D, budget=0.5, layout="project", fields=[
         FieldPlan("a", 50, [GroupPlan(8, i64(range(0, 10))), GroupPlan(4, i64(range(10, 40)))]),
         FieldPlan("b", 30, [GroupPlan(4)]),
         FieldPlan("c", 20, [GroupPlan(8)]),
@@ -228,7 +228,7 @@ def _mixed_plan() -> SizePlan:
     return SizePlan("x", 16, [FieldPlan("p", 10, half(4, 8)), FieldPlan("q", 10, half(4, 8)),
                               FieldPlan("r", 10, half(4, 8)), FieldPlan("s", 10, half(8, 12)),
                               FieldPlan("t", 10, [GroupPlan(4)]), FieldPlan("u", 10, [GroupPlan(16)]),
-                              FieldPlan("v", 10, half(4, 12)), FieldPlan("w", 10, half(4, 12))])
+                              FieldPlan("v", 10, half(4, 12)), FieldPlan("w", 10, half(4, 12))], layout="project")
 
 
 @pytest.mark.parametrize("layout", ["toy", "mixed", "uniform", "identity", "shuffled", "mixed_shuffled",
@@ -241,11 +241,11 @@ def test_fused_projection_equals_per_slot_reference(layout: str, split_weight_gr
 
     torch.manual_seed(0)
     if layout.startswith("uniform"):  # compact_fixed's shape: every field one group of one width
-        plan = SizePlan("x", D, [FieldPlan(n, 9, [GroupPlan(4)]) for n in "pqrstu"])
+        plan = SizePlan("x", D, [FieldPlan(n, 9, [GroupPlan(4)]) for n in "pqrstu"], layout="project")
     elif layout.startswith("mixed"):
         plan = _mixed_plan()
     elif layout.startswith("identity"):  # every field whole at width D: no projection at all
-        plan = SizePlan("x", D, [FieldPlan(n, 9, [GroupPlan(D)]) for n in "pqrstu"])
+        plan = SizePlan("x", D, [FieldPlan(n, 9, [GroupPlan(D)]) for n in "pqrstu"], layout="project")
     else:  # multi-group fields, a pruned field, an identity (width D) slot
         plan = toy_plan()
     module = build_retrain_module(plan, device="cpu")
@@ -272,7 +272,7 @@ def test_fused_projection_equals_per_slot_reference(layout: str, split_weight_gr
         # One width, one group: no per-field sum, so the same products summed in the same order.
         assert torch.equal(got, want)
     if split_weight_grads and layout.startswith(("toy", "uniform", "mixed")):
-        from embedding_methods import gemm
+        from embdim.embedding_methods import gemm
 
         assert gemm.split_rows(1, values.shape[0], gemm.multiprocessors(values.device)) > 1  # the split ran
     layouts = [layout for stages in module._layouts.values() for _, layout in stages]
@@ -363,7 +363,7 @@ def _sharded_body(rank: int, world_size: int, plan_dir: str) -> None:
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-    from embedding_methods.plan import load_plan
+    from embdim.embedding_methods.plan import load_plan
 
     torch.set_num_threads(1)
     plan = load_plan(plan_dir)

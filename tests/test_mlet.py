@@ -12,11 +12,11 @@ from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embedding_methods import IdRemapper, load_compact_embedding
-from embedding_methods.base import FieldSpec
-from embedding_methods.fixed import fixed_width_for_budget
-from embedding_methods.mixed_dim import CompactWeightsError, features_to_kjt
-from embedding_methods.mlet import (
+from embdim.embedding_methods import IdRemapper, load_compact_embedding
+from embdim.embedding_methods.base import FieldSpec
+from embdim.embedding_methods.fixed import fixed_width_for_budget
+from embdim.embedding_methods.mixed_dim import CompactWeightsError, features_to_kjt
+from embdim.embedding_methods.mlet import (
     MLET,
     MLETEmbeddingBagCollection,
     collapse_module,
@@ -24,9 +24,9 @@ from embedding_methods.mlet import (
     collapse_table,
     save_collapsed_init,
 )
-from embedding_methods.plan import load_plan, save_plan
-from embedding_methods.remap import retrain_feature_names
-from trainer.config import ConfigError
+from embdim.embedding_methods.plan import load_plan, save_plan
+from embdim.embedding_methods.remap import retrain_feature_names
+from embdim.trainer.config import ConfigError
 
 D = 8
 FIELDS = [FieldSpec("u", 40), FieldSpec("i", 25), FieldSpec("tags", 30, multi_hot=True)]

@@ -14,9 +14,9 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embedding_methods.base import FieldSpec
-from embedding_methods.plan import GroupPlan
-from embedding_methods.optembed import (
+from embdim.embedding_methods.base import FieldSpec
+from embdim.embedding_methods.plan import GroupPlan
+from embdim.embedding_methods.optembed import (
     BinaryStep,
     CandidateAUC,
     OptEmbed,
@@ -144,7 +144,7 @@ def test_row_below_threshold_is_zeroed(norm: int) -> None:
 def _composed_training_mask(supernet: OptEmbedSupernet, pooled: torch.Tensor, keys: list[str]) -> torch.Tensor:
     """The training-mode mask as it was written before ``_RowAndWidthMask``: each step its own
     autograd node (``_row_norm``, ``BinaryStep``, ``where``, two ``[B, F, D]`` products)."""
-    from embedding_methods.optembed import _row_norm
+    from embdim.embedding_methods.optembed import _row_norm
 
     batch = pooled.shape[0]
     x = pooled.reshape(batch, len(keys), D)
@@ -222,7 +222,7 @@ def test_dim_mask_keeps_a_prefix_of_allowed_widths() -> None:
 def test_multi_hot_rows_are_kept_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     fields = [FieldSpec("a", 5), FieldSpec("m", 5, multi_hot=True)]
     method = make_method(fields)
-    with caplog.at_level(logging.WARNING, logger="embedding_methods.optembed"):
+    with caplog.at_level(logging.WARNING, logger="embdim.embedding_methods.optembed"):
         supernet = make_supernet(method).eval()
     assert sum("multi-hot" in r.message for r in caplog.records) == 1
     with torch.no_grad():

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from embedding_methods import METHOD_NAMES, load_plan
-from launch.main import main
-from trainer.config import ConfigError
+from embdim.embedding_methods import METHOD_NAMES, load_plan
+from embdim.launch.main import main
+from embdim.trainer.config import ConfigError
 from tests.tiny_data import FIELDS, tiny_run_flags, write_tiny_dataset
 
 DIM = 16
@@ -85,8 +85,8 @@ def test_compact_module_trains_in_unmodified_dlrm(runs, tiny):
     """The retrained module stands in for the EmbeddingBagCollection of torchrec's own DLRM."""
     from torchrec.models.dlrm import DLRM
 
-    from embedding_methods import IdRemapper, load_compact_embedding
-    from trainer.data.reader import ParquetBatchReader
+    from embdim.embedding_methods import IdRemapper, load_compact_embedding
+    from embdim.trainer.data.reader import ParquetBatchReader
 
     run = runs["optembed"]
     module = load_compact_embedding(run)
@@ -115,7 +115,7 @@ def test_compact_module_trains_in_unmodified_dlrm(runs, tiny):
 def test_retrain_rejects_plan_of_another_dataset(runs, tmp_path, capsys):
     other = tmp_path / "other"
     write_tiny_dataset(other, num_rows={"train": 512, "valid": 128, "test": 128})
-    import embedding_methods.plan as plan_mod
+    import embdim.embedding_methods.plan as plan_mod
 
     plan = load_plan(runs["fixed"] / "plan.json")
     plan.fields[0].num_embeddings += 1  # a plan made for a different vocabulary
@@ -160,8 +160,8 @@ def test_amtl_warm_starts_from_a_trained_baseline(tiny, tmp_path):
 def test_resumed_optembed_search_still_rewinds(tiny, tmp_path):
     """A search killed mid-way and rerun resumes from its checkpoint and still rewinds the retrain
     start to the step-0 supernet (OptEmbed's default retrain_init="rewind")."""
-    from embedding_methods.mixed_dim import table_name_for_feature
-    from embedding_methods.plan import group_feature_name
+    from embdim.embedding_methods.mixed_dim import table_name_for_feature
+    from embdim.embedding_methods.plan import group_feature_name
 
     run = tmp_path / "oe"
     args = ["search", "--data", str(tiny), "--method", "optembed", "--budget", str(BUDGET), "--out", str(run),
@@ -182,8 +182,8 @@ def test_resumed_optembed_search_still_rewinds(tiny, tmp_path):
 
 
 def test_retrain_epochs_follow_the_method_unless_set():
-    from trainer.config import TrainConfig
-    from trainer.phases import RetrainConfig, RunConfig, retrain_epochs
+    from embdim.trainer.config import TrainConfig
+    from embdim.trainer.phases import RetrainConfig, RunConfig, retrain_epochs
 
     config = RunConfig(train=TrainConfig(epochs=3))
     assert retrain_epochs(config, "mlet", from_plan=True) == 0       # the collapse is the final model

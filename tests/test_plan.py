@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedding_methods.plan import (
+from embdim.embedding_methods.plan import (
     FieldPlan,
     GroupPlan,
     PlanError,
@@ -19,7 +19,7 @@ from embedding_methods.plan import (
     summarize_plan,
     uniform_plan,
 )
-from launch.plan_cli import register
+from embdim.launch.plan_cli import register
 
 
 def i64(xs) -> np.ndarray:
@@ -28,7 +28,7 @@ def i64(xs) -> np.ndarray:
 
 def sample_plan() -> SizePlan:
     return SizePlan(
-        method="optembed", embedding_dim=16, budget=0.25, init_checkpoint="inherit.pt",
+        method="optembed", embedding_dim=16, budget=0.25, init_checkpoint="inherit.pt", layout="project",
         extra={"evolution": [{"generation": 0, "auc": 0.71}], "threshold": [0.1, 0.2]},
         fields=[
             FieldPlan("C1", 100, [GroupPlan(16, i64(range(0, 100, 3))), GroupPlan(4, i64([1, 2, 50, 98]))]),
@@ -83,7 +83,7 @@ def test_resave_removes_stale_side_files(tmp_path: Path) -> None:
 
 
 def test_param_accounting_of_uniform_plan() -> None:
-    plan = uniform_plan("fixed", [("a", 10), ("b", 5)], 8, [4, 8])
+    plan = uniform_plan("fixed", [("a", 10), ("b", 5)], 8, [4, 8], layout="project")
     assert plan.num_table_params() == 10 * 4 + 5 * 8
     assert plan.num_projection_params() == 4 * 8  # b is already at D
     assert plan.full_params() == 15 * 8
@@ -213,5 +213,5 @@ def test_plan_show(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
 
 def test_summarize_plan_of_full_width_plan() -> None:
-    text = summarize_plan(uniform_plan("fixed", [("a", 10)], 8, [8]))
+    text = summarize_plan(uniform_plan("fixed", [("a", 10)], 8, [8], layout="project"))
     assert "achieved fraction: 1.0000" in text and "pruned |" not in text

@@ -6,7 +6,7 @@ import types
 
 import torch
 
-import sharding.planner as planner
+import embdim.sharding.planner as planner
 
 
 def test_device_memory_is_the_cards_total(monkeypatch):
@@ -37,7 +37,7 @@ def test_plan_model_passes_the_memory_to_the_topology(monkeypatch):
 def test_half_precision_comms_reach_the_sharders():
     import pytest
 
-    from trainer.config import ConfigError
+    from embdim.trainer.config import ConfigError
 
     assert planner.get_sharders()[0].qcomm_codecs_registry is None
     registry = planner.get_sharders("bf16")[0].qcomm_codecs_registry
@@ -51,7 +51,7 @@ def test_fp16_comms_train_close_to_fp32_but_not_equal(tmp_path):
     path) but not the result (logloss within 0.01)."""
     import json
 
-    from launch.main import main
+    from embdim.launch.main import main
     from tests.tiny_data import tiny_run_flags, write_tiny_dataset
 
     data = tmp_path / "data"

@@ -12,11 +12,11 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embedding_methods.base import FieldSpec
-from embedding_methods.grouping import compact_group_weights, snap_widths
-from embedding_methods.mask_aware import LocalSearchContext, copy_into_table
-from embedding_methods.plan import GroupPlan
-from embedding_methods.pme import PME, float_from_sort_key, float_sort_keys, global_threshold
+from embdim.embedding_methods.base import FieldSpec
+from embdim.embedding_methods.grouping import compact_group_weights, snap_widths
+from embdim.embedding_methods.mask_aware import LocalSearchContext, copy_into_table
+from embdim.embedding_methods.plan import GroupPlan
+from embdim.embedding_methods.pme import PME, float_from_sort_key, float_sort_keys, global_threshold
 
 
 class ThreadAllReduce:
@@ -285,7 +285,7 @@ def test_rewind_keeps_most_salient_entries_packed_left() -> None:
 
 
 def test_rewind_retrain_state_loads_into_the_compact_module() -> None:
-    from embedding_methods.mixed_dim import build_retrain_module, table_name_for_feature
+    from embdim.embedding_methods.mixed_dim import build_retrain_module, table_name_for_feature
 
     fields, dim = _fields(), 16
     method = PME(PME.Config(saliency_batches=1, retrain_init="rewind"), fields, dim)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from tests.multiprocess import run_multiprocess
-from trainer.data.manifest import DatasetError, Manifest, SparseField, SplitInfo, write_manifest
-from trainer.data.reader import ParquetBatchReader, list_work_units, num_dense_features
+from embdim.trainer.data.manifest import DatasetError, Manifest, SparseField, SplitInfo, write_manifest
+from embdim.trainer.data.reader import ParquetBatchReader, list_work_units, num_dense_features
 
 # Deliberately uneven row groups: 64 train rows in two files.
 TRAIN_GROUPS = [[7, 13, 1], [20, 9, 14]]
@@ -118,7 +118,7 @@ def assert_same_batches(a, b) -> None:
 
 
 def test_units_follow_footers_in_manifest_order(dataset):
-    from trainer.data.manifest import load_manifest
+    from embdim.trainer.data.manifest import load_manifest
     units = list_work_units(dataset, load_manifest(dataset), "train")
     assert [(u.file, u.row_group, u.num_rows) for u in units] == [
         (f"train/part-{f:05d}.parquet", rg, n) for f, sizes in enumerate(TRAIN_GROUPS) for rg, n in enumerate(sizes)]
@@ -331,7 +331,7 @@ def test_feature_transform_applied_in_workers(dataset):
 
 
 def test_no_dense_columns_gives_one_zero_feature(tmp_path, dataset):
-    from trainer.data.manifest import load_manifest
+    from embdim.trainer.data.manifest import load_manifest
     root = make_dataset(tmp_path, {"train": [[6, 10]]}, dense=False)
     manifest = load_manifest(root)
     assert num_dense_features(manifest) == 1 and num_dense_features(load_manifest(dataset)) == 2
@@ -463,7 +463,7 @@ def test_worker_stream_pickles_for_spawned_workers(dataset):
     """Spawned DataLoader workers receive the stream pickled; it must decode the same batches."""
     import pickle
 
-    from trainer.data.reader import _EpochStream
+    from embdim.trainer.data.reader import _EpochStream
 
     reader = ParquetBatchReader(dataset, "train", batch_size=8, feature_transform=remap_transform, seed=2)
     stream = _EpochStream(reader.dataset_dir, reader.manifest, reader.units, reader._current_plan(), rank=0,

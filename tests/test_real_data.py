@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from launch.main import main
+from embdim.launch.main import main
 
 SMALL = ["data.batch_size=128", "train.epochs=2", "train.progress_bar=false", "train.log_every=20"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.main import main
+from embdim.launch.main import main
 from tests.test_checkpoint import SCORES, TINY, _load_dcp, assert_every_row_once
 from tests.tiny_data import write_tiny_dataset
 
@@ -79,8 +79,8 @@ def test_torchrun_max_restarts_resumes_and_matches_uninterrupted_run(uneven, tmp
 def test_restarts_get_a_fresh_rendezvous_store_per_attempt():
     """torchrun's default shares one TCPStore across restarts, whose stale keys can hang the restarted
     group's init (pytorch/pytorch#135712): launch turns the sharing off when restarts are allowed."""
-    from launch.launcher import torchrun_env
-    from launch.main import build_parser
+    from embdim.launch.launcher import torchrun_env
+    from embdim.launch.main import build_parser
 
     def env(*flags: str, **environ: str) -> dict[str, str]:
         args = build_parser().parse_args(["launch", "--nproc-per-node", "2", *flags, "--", "train"])

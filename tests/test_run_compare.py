@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from launch import run_cli
-from launch.main import main
+from embdim.launch import run_cli
+from embdim.launch.main import main
 from tests.tiny_data import tiny_run_flags, write_tiny_dataset
-from trainer import report as rep
+from embdim.trainer import report as rep
 
 DIM = 16
 BUDGET = 0.6  # reachable by fixed and mde on the tiny tables

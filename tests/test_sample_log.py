@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from tests.test_reader import TRAIN_GROUPS, make_dataset, read_rows, row_ids
-from trainer.data.manifest import load_manifest
-from trainer.data.reader import ParquetBatchReader, list_work_units
-from trainer.sample_log import reconcile_sample_log
+from embdim.trainer.data.manifest import load_manifest
+from embdim.trainer.data.reader import ParquetBatchReader, list_work_units
+from embdim.trainer.sample_log import reconcile_sample_log
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trainer.data.manifest import load_counts, load_manifest
-from trainer.data.synth import (
+from embdim.trainer.data.manifest import load_counts, load_manifest
+from embdim.trainer.data.synth import (
     FORMULA_VERSION,
     PRESETS,
     RANKS,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from launch.main import main
+from embdim.launch.main import main
 from tests.multiprocess import run_multiprocess
 from tests.tiny_data import FIELDS, write_tiny_dataset
 
@@ -31,7 +31,7 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def _config(*overrides: str):
-    from trainer.config import load_config
+    from embdim.trainer.config import load_config
 
     return load_config(overrides=[*TINY, *overrides])
 
@@ -40,12 +40,12 @@ def _config(*overrides: str):
 def _sharding_body(rank: int, world_size: int, data: str) -> None:
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from sharding.planner import plan_summary, shard_model, table_placement
-    from sharding.state import all_reduce_sum, gather_table, local_shards, table_shape, write_rows
-    from trainer.config import ConfigError
-    from trainer.data.manifest import load_manifest
-    from trainer.distributed import init_distributed
-    from trainer.model import build_model
+    from embdim.sharding.planner import plan_summary, shard_model, table_placement
+    from embdim.sharding.state import all_reduce_sum, gather_table, local_shards, table_shape, write_rows
+    from embdim.trainer.config import ConfigError
+    from embdim.trainer.data.manifest import load_manifest
+    from embdim.trainer.distributed import init_distributed
+    from embdim.trainer.model import build_model
 
     env = init_distributed()
     assert (env.rank, env.world_size, env.backend) == (rank, world_size, "gloo")
@@ -126,8 +126,8 @@ def _aux_loss(module: StandInSparse) -> torch.Tensor:
 
 
 def _hooks_body(rank: int, world_size: int, data: str, run_dir: str) -> None:
-    from trainer.distributed import init_distributed
-    from trainer.loop import Trainer
+    from embdim.trainer.distributed import init_distributed
+    from embdim.trainer.loop import Trainer
 
     env = init_distributed()
     lr, steps = 0.1, 8

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainer.data.manifest import Manifest, SparseField, SplitInfo, counts_path, write_manifest
+from embdim.trainer.data.manifest import Manifest, SparseField, SplitInfo, counts_path, write_manifest
 
 # (name, num_embeddings, multi_hot): small tables so the test models stay tiny.
 FIELDS = (("c0", 40, False), ("c1", 24, False), ("c2", 12, False), ("c3", 30, True))

@@ -35,8 +35,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from trainer.distributed import DistEnv
-from trainer.io import atomic_write_json, atomic_write_text
+from embdim.trainer.distributed import DistEnv
+from embdim.trainer.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -42,16 +42,16 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from sharding.planner import plan_summary, replicated_embedding_params, shard_model, sparse_optimizer, table_placement
-from trainer.checkpoint import Checkpointer, CheckpointError, TrainerState
-from trainer.config import Config, ConfigError, OptimConfig, config_to_dict
-from trainer.data.manifest import DatasetError, load_manifest
-from trainer.distributed import DistEnv, env_int
-from trainer.io import atomic_write_json
-from trainer.logger import build_logger
-from trainer.metrics import MetricAccumulator
-from trainer.model import AuxLossFn, SparseModuleFactory, build_model, embedding_size
-from trainer.sample_log import SAMPLE_LOG_DIR, SampleLog
+from embdim.sharding.planner import plan_summary, replicated_embedding_params, shard_model, sparse_optimizer, table_placement
+from embdim.trainer.checkpoint import Checkpointer, CheckpointError, TrainerState
+from embdim.trainer.config import Config, ConfigError, OptimConfig, config_to_dict
+from embdim.trainer.data.manifest import DatasetError, load_manifest
+from embdim.trainer.distributed import DistEnv, env_int
+from embdim.trainer.io import atomic_write_json
+from embdim.trainer.logger import build_logger
+from embdim.trainer.metrics import MetricAccumulator
+from embdim.trainer.model import AuxLossFn, SparseModuleFactory, build_model, embedding_size
+from embdim.trainer.sample_log import SAMPLE_LOG_DIR, SampleLog
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class Trainer:
         logger.info("sharding plan (%d ranks):\n%s", env.world_size, plan_summary(self.model.plan))
         self.optimizer = self._build_optimizer(extra_optimizers, excluded_dense_params)
 
-        from trainer.data.reader import ParquetBatchReader  # the reader pulls in pyarrow & workers
+        from embdim.trainer.data.reader import ParquetBatchReader  # the reader pulls in pyarrow & workers
 
         self._reader_cls = ParquetBatchReader
         self.train_reader = self._make_reader("train", shuffle=config.data.shuffle,
@@ -509,7 +509,7 @@ class Trainer:
             bar.close()
 
     def _log_window(self, window: MetricAccumulator, loss: torch.Tensor, seconds: float, samples: int) -> None:
-        from sharding.state import all_reduce_sum
+        from embdim.sharding.state import all_reduce_sum
 
         totals = all_reduce_sum(torch.tensor([loss[0].item(), loss[1].item(), float(samples), seconds],
                                              dtype=torch.float64, device=self.env.device))

@@ -26,8 +26,8 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, data_type_to_dtype
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from trainer.config import ModelConfig
-from trainer.data.manifest import Manifest
+from embdim.trainer.config import ModelConfig
+from embdim.trainer.data.manifest import Manifest
 
 SparseModuleFactory = Callable[[list[EmbeddingBagConfig]], nn.Module]
 AuxLossFn = Callable[[nn.Module], "torch.Tensor | None"]

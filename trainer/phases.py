@@ -32,23 +32,23 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from embedding_methods import get_method
-from embedding_methods.amtl import AMTL
-from embedding_methods.base import EmbeddingMethod, FieldSpec
-from embedding_methods.fixed import FixedWidth
-from embedding_methods.mde import MDE
-from embedding_methods.mixed_dim import RETRAIN_WEIGHTS, build_retrain_module
-from embedding_methods.mlet import MLET
-from embedding_methods.optembed import OptEmbed
-from embedding_methods.plan import PlanError, SizePlan, load_plan, resolve_init_checkpoint, save_plan
-from embedding_methods.pme import PME
-from embedding_methods.remap import IdRemapper
-from sharding import state as sharded_state
-from trainer.config import Config, ConfigError, _check
-from trainer.data.manifest import Manifest, load_counts, load_manifest
-from trainer.distributed import DistEnv
-from trainer.io import atomic_path, atomic_write_json
-from trainer.loop import Trainer
+from embdim.embedding_methods import get_method
+from embdim.embedding_methods.amtl import AMTL
+from embdim.embedding_methods.base import EmbeddingMethod, FieldSpec
+from embdim.embedding_methods.fixed import FixedWidth
+from embdim.embedding_methods.mde import MDE
+from embdim.embedding_methods.mixed_dim import RETRAIN_WEIGHTS, build_retrain_module
+from embdim.embedding_methods.mlet import MLET
+from embdim.embedding_methods.optembed import OptEmbed
+from embdim.embedding_methods.plan import LAYOUTS, PlanError, SizePlan, load_plan, resolve_init_checkpoint, save_plan
+from embdim.embedding_methods.pme import PME
+from embdim.embedding_methods.remap import IdRemapper
+from embdim.sharding import state as sharded_state
+from embdim.trainer.config import Config, ConfigError, _check
+from embdim.trainer.data.manifest import Manifest, load_counts, load_manifest
+from embdim.trainer.distributed import DistEnv
+from embdim.trainer.io import atomic_path, atomic_write_json
+from embdim.trainer.loop import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +63,17 @@ class SearchConfig:
     init_from: str = ""
     """Checkpoint folder (RUN_DIR/ckpt/step_N or RUN_DIR) of a trained baseline to warm-start the
     search from (methods that support it, e.g. AMTL); empty = train from scratch."""
+    layout: str = "auto"
+    """How the compact model brings a group narrower than D to width D: "pad" (its values then
+    zeros; stores nothing beyond the tables, the papers' models), "project" (a learned w -> D
+    projection per group, MDE's layout, counted in the budget), or "auto" = the method's own
+    ("project" for mde, "pad" for every other method). Chosen at search time because the budget
+    counts what the layout stores; recorded in plan.json."""
 
     def __post_init__(self) -> None:
         _check(0.0 < self.budget <= 1.0, "search.budget", f"must be in (0, 1], got {self.budget}")
+        _check(self.layout in ("auto", *LAYOUTS), "search.layout",
+               f"unknown {self.layout!r}; choose from {['auto', *LAYOUTS]}")
 
 
 @dataclass
@@ -112,7 +120,8 @@ def build_method(config: RunConfig, method_name: str, manifest: Manifest) -> Emb
         # Methods whose search model depends on the budget (MLET's retrain width) read it from
         # their own section; --budget fills it when the section leaves it unset.
         method_config = dataclasses.replace(method_config, budget=config.search.budget)
-    return method_cls(method_config, field_specs(manifest), config.model.embedding_dim)
+    layout = None if config.search.layout == "auto" else config.search.layout
+    return method_cls(method_config, field_specs(manifest), config.model.embedding_dim, layout=layout)
 
 
 class TrainerSearchContext:
@@ -396,7 +405,7 @@ def retrain_epochs(config: RunConfig, method_name: str, from_plan: bool) -> int:
 
 
 def _continues_search(method_name: str) -> bool:
-    from embedding_methods import METHODS
+    from embdim.embedding_methods import METHODS
 
     method_cls = METHODS.get(method_name)
     return method_cls is not None and method_cls.search_trains_compact_model

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from trainer.distributed import DistEnv
+from embdim.trainer.distributed import DistEnv
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class SampleLog:
     """
 
     def __init__(self, directory: Path, env: DistEnv, *, phase: str, start_step: int, restart_count: int) -> None:
-        from sharding.state import all_reduce_sum
+        from embdim.sharding.state import all_reduce_sum
 
         directory.mkdir(parents=True, exist_ok=True)
         attempt = 0

@@ -34,8 +34,8 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from trainer.data.manifest import SPLITS, DatasetError, Manifest, SparseField, write_manifest
-from trainer.data.writer import (
+from embdim.trainer.data.manifest import SPLITS, DatasetError, Manifest, SparseField, write_manifest
+from embdim.trainer.data.writer import (
     DEFAULT_ROW_GROUP_SIZE,
     DEFAULT_ROWS_PER_FILE,
     IdCounter,
@@ -52,7 +52,7 @@ from trainer.data.writer import (
     split_sizes,
     staged_output,
 )
-from trainer.io import atomic_path
+from embdim.trainer.io import atomic_path
 
 DEFAULT_SPLIT = "0.8,0.1,0.1"
 DEFAULT_MIN_COUNT = 2

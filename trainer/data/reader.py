@@ -74,7 +74,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from trainer.data.manifest import DatasetError, Manifest, load_manifest
+from embdim.trainer.data.manifest import DatasetError, Manifest, load_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -49,8 +49,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from trainer.data.manifest import Manifest, SparseField, SplitInfo, write_manifest
-from trainer.data.writer import (
+from embdim.trainer.data.manifest import Manifest, SparseField, SplitInfo, write_manifest
+from embdim.trainer.data.writer import (
     DEFAULT_ROW_GROUP_SIZE,
     SplitWriter,
     check_output_dir,

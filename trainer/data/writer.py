@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from trainer.data.manifest import OOV_ID, SPLITS, DatasetError, SplitInfo
-from trainer.io import atomic_path, atomic_save_npy
+from embdim.trainer.data.manifest import OOV_ID, SPLITS, DatasetError, SplitInfo
+from embdim.trainer.io import atomic_path, atomic_save_npy
 
 DEFAULT_ROW_GROUP_SIZE = 65536
 DEFAULT_ROWS_PER_FILE = 2_000_000
