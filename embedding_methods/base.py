@@ -80,7 +80,7 @@ class EmbeddingMethod(ABC):
     """Base class of a method. Subclasses define ``name`` and a nested ``Config`` dataclass."""
 
     name: str = ""
-    default_layout: str = "project"
+    default_layout: str = "pad"
     """The plan layout (``embedding_methods.plan.LAYOUTS``) used when the run does not choose one:
     ``pad`` (zero padding, the papers' models) for every method but MDE, which is defined with
     projections."""

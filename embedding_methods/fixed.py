@@ -1,4 +1,4 @@
-"""Fixed width: every field at one width w < D behind a projection to D (the uniform baseline).
+"""Fixed width: every field at one width w < D, padded (or projected) to D (the uniform baseline).
 
 There is nothing to search: the plan is closed-form. ``search_tables`` are the plain full-width
 tables and the search module is the collection itself, so a trainer that runs the search phase
@@ -15,7 +15,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from embdim.embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext
 from embdim.embedding_methods.mixed_dim import table_name_for_feature
-from embdim.embedding_methods.plan import WIDTH_MULTIPLE, SizePlan, uniform_plan
+from embdim.embedding_methods.plan import WIDTH_MULTIPLE, SizePlan, layout_projection_params, uniform_plan
 from embdim.trainer.config import ConfigError
 
 
@@ -23,22 +23,21 @@ class BudgetError(ValueError):
     """A parameter budget cannot be met by a method's plans; the message gives the reachable minimum."""
 
 
-def uniform_params(cardinalities: list[int], embedding_dim: int, width: int) -> int:
-    """Tables plus projections when every field has ``width``: ``w * N + F * w * D`` (none at w = D)."""
-    num_ids = sum(cardinalities)
-    projections = len(cardinalities) * width * embedding_dim if width != embedding_dim else 0
-    return width * num_ids + projections
+def uniform_params(cardinalities: list[int], embedding_dim: int, width: int, layout: str) -> int:
+    """Parameters when every field has ``width``: ``w * N``, plus ``F * w * D`` projections under
+    ``project`` (none at w = D)."""
+    return width * sum(cardinalities) + layout_projection_params([width] * len(cardinalities), embedding_dim, layout)
 
 
-def fixed_width_for_budget(cardinalities: list[int], embedding_dim: int, budget: float) -> int:
-    """Largest multiple of 4 (at most D) whose uniform plan, projections included, fits ``budget``."""
+def fixed_width_for_budget(cardinalities: list[int], embedding_dim: int, budget: float, layout: str) -> int:
+    """Largest multiple of 4 (at most D) whose uniform plan, as ``layout`` stores it, fits ``budget``."""
     target = budget * sum(cardinalities) * embedding_dim
     for width in range(embedding_dim, 0, -WIDTH_MULTIPLE):
-        if uniform_params(cardinalities, embedding_dim, width) <= target:
+        if uniform_params(cardinalities, embedding_dim, width, layout) <= target:
             return width
-    smallest = uniform_params(cardinalities, embedding_dim, WIDTH_MULTIPLE) / (sum(cardinalities) * embedding_dim)
-    raise BudgetError(f"budget {budget} is below the smallest uniform plan (width {WIDTH_MULTIPLE}: "
-                      f"fraction {smallest:.4f} with projections)")
+    smallest = uniform_params(cardinalities, embedding_dim, WIDTH_MULTIPLE, layout) / (sum(cardinalities) * embedding_dim)
+    raise BudgetError(f"budget {budget} is below the smallest uniform plan (width {WIDTH_MULTIPLE}, {layout} "
+                      f"layout: fraction {smallest:.4f}); the floor is {smallest:.4f}")
 
 
 def full_width_tables(fields: list[FieldSpec], width: int) -> list[EmbeddingBagConfig]:
@@ -87,7 +86,7 @@ class FixedWidth(EmbeddingMethod):
         """The plan for a budget (``None`` or >= 1: no budget, ``Config.width``)."""
         cards = [f.num_embeddings for f in self.fields]
         if budget is not None and budget < 1.0:
-            width = fixed_width_for_budget(cards, self.embedding_dim, budget)
+            width = fixed_width_for_budget(cards, self.embedding_dim, budget, self.layout)
         else:
             width, budget = self.default_width(), None
         return uniform_plan(self.name, [(f.name, f.num_embeddings) for f in self.fields], self.embedding_dim,

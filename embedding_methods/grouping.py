@@ -191,6 +191,6 @@ def retrain_init_state_from_tables(plan: SizePlan, full_weights: dict[str, torch
                 name = table_name_for_feature(group_feature_name(field_plan.name, k, len(field_plan.groups)))
                 table, projection = compact_group_weights(full, group, plan.embedding_dim, column_scores=scores)
                 module.ebc.embedding_bags[name].weight.copy_(table)
-                if projection is not None:
+                if projection is not None and module.projection is not None:
                     module.projection.slot_weight(slots.index(name)).copy_(projection)
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}

@@ -109,6 +109,7 @@ class MDE(EmbeddingMethod):
     """Mixed-dimension embeddings by the alpha power rule (closed form, no search training)."""
 
     name = "mde"
+    default_layout = "project"  # MDE is defined with projections (Ginart et al. 2021, Sec. 3: E = V P)
     requires_search_training = False
 
     @dataclass(kw_only=True)

@@ -1,12 +1,21 @@
 """The mixed-dimension embedding module that stands in for a TorchRec ``EmbeddingBagCollection``.
 
 ``MixedDimEmbeddingBagCollection`` holds a real ``EmbeddingBagCollection`` (attribute ``ebc``)
-whose tables have their own widths, and maps each pooled output to the common width D with a
-bias-free projection, as MDE does (Ginart et al. 2021, Sec. 3: ``E_t = V_t P_t``, ``P_t`` in
-``R^{d_t x D}``; Xavier init as in dlrm ``tricks/md_embedding_bag.py``). Its output is a
-``KeyedTensor`` of uniform width D keyed by the *output* fields, and ``embedding_bag_configs()``
-reports one D-wide config per output field, so an unmodified ``torchrec.models.dlrm.DLRM`` or
-``DLRM_DCN`` accepts it (they assert one width and read feature names from those configs).
+whose tables have their own widths, and brings each pooled output to the common width D in one
+of two layouts (``embedding_methods.plan.LAYOUTS``):
+
+``pad``
+    a width-w table's pooled vector becomes its w values followed by D - w zeros. Nothing is
+    stored beyond the tables. This is the compact model of OptEmbed, AMTL, PME and MLET (a
+    narrower embedding is the full one with its trailing dims masked to zero; docs/methods.md).
+``project``
+    a bias-free projection, as MDE does (Ginart et al. 2021, Sec. 3: ``E_t = V_t P_t``, ``P_t``
+    in ``R^{d_t x D}``; Xavier init as in dlrm ``tricks/md_embedding_bag.py``).
+
+Its output is a ``KeyedTensor`` of uniform width D keyed by the *output* fields, and
+``embedding_bag_configs()`` reports one D-wide config per output field, so an unmodified
+``torchrec.models.dlrm.DLRM`` or ``DLRM_DCN`` accepts it (they assert one width and read feature
+names from those configs).
 
 Why a wrapper and not a subclass: ``DistributedModelParallel``'s default sharders find the inner
 collection by type and shard it, the projections stay dense (DDP-replicated) parameters, and
@@ -16,7 +25,7 @@ untouched (torchrec.md Sec. 1.3 and 3.4). Id remapping for compact tables happen
 
 A field can own several inner features (its width groups, ``<field>@g<k>``). Every id lives in
 exactly one group, so with sum pooling the field's embedding is the sum of its groups' projected
-pooled vectors: ``sum_g P_g sum_{i in bag, i in g} v_i``.
+(or padded) pooled vectors: ``sum_g P_g sum_{i in bag, i in g} v_i``.
 """
 
 from __future__ import annotations
@@ -36,7 +45,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from embdim.embedding_methods.gemm import batched_weight_grad
-from embdim.embedding_methods.plan import SizePlan, group_feature_name, load_plan, plan_file, resolve_init_checkpoint
+from embdim.embedding_methods.plan import (LAYOUTS, SizePlan, group_feature_name, load_plan, plan_file,
+                                           resolve_init_checkpoint)
 
 logger = logging.getLogger(__name__)
 
@@ -312,14 +322,48 @@ class _ProjectPooled(torch.autograd.Function):
         return (grad_values, None, *grad_weights)
 
 
+class _PadLayout:
+    """Where the ``pad`` layout puts each pooled column: column ``c`` of a slot of width w (its
+    ``j``-th value) goes to output column ``field * D + j``; the other output columns stay zero.
+
+    ``index_copy_`` when no two columns share a destination (one group per field), ``index_add_``
+    when a field sums several groups; both are one kernel forward and one ``index_select``
+    backward. ``passthrough`` when the input already is the output (every field one D-wide slot,
+    in output order).
+    """
+
+    def __init__(self, destinations: list[int], num_fields: int, dim: int) -> None:
+        self.destinations = destinations
+        self.num_fields, self.dim = num_fields, dim
+        self.accumulate = len(set(destinations)) != len(destinations)
+        self.passthrough = destinations == list(range(num_fields * dim))
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        # Made once per device: a fresh host-to-device copy every step would synchronise the stream.
+        if device not in self._on:
+            self._on[device] = torch.tensor(self.destinations, dtype=torch.long, device=device)
+        return self._on[device]
+
+    def apply(self, values: torch.Tensor) -> torch.Tensor:
+        if self.passthrough:
+            return values
+        out = values.new_zeros(values.shape[0], self.num_fields * self.dim)
+        index = self.index(values.device)
+        return out.index_add_(1, index, values) if self.accumulate else out.index_copy_(1, index, values)
+
+
 class _ProjectedEmbeddingBagCollection(nn.Module):
-    """Shared layout and forward of modules that project an inner EBC's pooled outputs to width D."""
+    """Shared layout and forward of modules that bring an inner EBC's pooled outputs to width D:
+    projection stages (possibly none), then, for the ``pad`` layout, zero padding to D."""
 
     ebc: nn.Module
 
     def _init_layout(self, inner_configs: list[EmbeddingBagConfig], output_features: dict[str, list[str]],
-                     embedding_dim: int, num_embeddings_per_field: dict[str, int] | None) -> None:
+                     embedding_dim: int, num_embeddings_per_field: dict[str, int] | None, layout: str) -> None:
         name = type(self).__name__
+        if layout not in LAYOUTS:
+            raise ValueError(f"{name}: layout must be one of {list(LAYOUTS)}, got {layout!r}")
         if embedding_dim <= 0 or embedding_dim % 4:
             raise ValueError(f"{name}: embedding_dim must be a positive multiple of 4, got {embedding_dim}")
         if not inner_configs:
@@ -358,8 +402,9 @@ class _ProjectedEmbeddingBagCollection(nn.Module):
         self._output_names = list(output_features)
         self._output_slots = output_slots
         self._embedding_dim = int(embedding_dim)
-        # (projection, layout) per stage, per key order of the inner collection's output.
-        self._layouts: dict[tuple, list[tuple[GroupedProjection, _ProjectionLayout]]] = {}
+        self._layout = layout
+        # (projection, layout) per stage and the pad step, per key order of the inner collection's output.
+        self._layouts: dict[tuple, tuple[list[tuple[GroupedProjection, _ProjectionLayout]], _PadLayout | None]] = {}
         counts = num_embeddings_per_field or {}
         self._output_configs = [
             EmbeddingBagConfig(
@@ -372,6 +417,11 @@ class _ProjectedEmbeddingBagCollection(nn.Module):
     @property
     def embedding_dim(self) -> int:
         return self._embedding_dim
+
+    @property
+    def layout(self) -> str:
+        """``"pad"`` or ``"project"``: how a narrower table's pooled vector reaches width D."""
+        return self._layout
 
     @property
     def feature_names(self) -> list[str]:
@@ -387,7 +437,8 @@ class _ProjectedEmbeddingBagCollection(nn.Module):
         return self._inner_configs
 
     def projection_stages(self) -> list[GroupedProjection]:
-        """The projections applied in turn to the inner pooled values; the last one outputs D."""
+        """The projections applied in turn to the inner pooled values (the ``pad`` layout may have
+        none); under ``project`` the last one outputs D."""
         raise NotImplementedError(f"{type(self).__name__} must list its projection stages")
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -397,23 +448,28 @@ class _ProjectedEmbeddingBagCollection(nn.Module):
         return _project_pooled(self, self.ebc(features))
 
     def project_pooled(self, pooled: KeyedTensor) -> KeyedTensor:
-        """Projects the inner collection's pooled output (any key order) with ``_ProjectPooled``,
-        one call per stage."""
+        """Brings the inner collection's pooled output (any key order) to width D: one
+        ``_ProjectPooled`` call per projection stage, then the ``pad`` step if the layout pads."""
         values = pooled.values()
-        for projection, layout in self._projection_layouts(pooled.keys(), pooled.length_per_key()):
+        stages, pad = self._projection_layouts(pooled.keys(), pooled.length_per_key())
+        for projection, layout in stages:
             if not layout.passthrough:
                 weights = [getattr(projection, name) for name in layout.weight_names]
                 values = _ProjectPooled.apply(values, layout, *weights)
+        if pad is not None:
+            values = pad.apply(values)
         return KeyedTensor(keys=self._output_names, length_per_key=[self._embedding_dim] * len(self._output_names),
                            values=values)
 
-    def _projection_layouts(self, keys: list[str], lengths: list[int]) -> list[tuple[GroupedProjection,
-                                                                                    _ProjectionLayout]]:
-        """``(projection, layout)`` per stage for one key order of the inner output (cached).
+    def _projection_layouts(self, keys: list[str], lengths: list[int]
+                            ) -> tuple[list[tuple[GroupedProjection, _ProjectionLayout]], _PadLayout | None]:
+        """``(projection, layout)`` per stage and the pad step (None under ``project``) for one key
+        order of the inner output (cached).
 
         Stage 0 reads the slots where the inner output put them; a later stage reads the previous
         stage's ``[B, F * width]`` output, which has one block per field, so it needs one slot per
-        field (MLET's ``k -> d -> D``)."""
+        field (MLET's ``k -> d -> D``). The pad step reads the last stage's field blocks, or the
+        inner slots when there is no stage."""
         cache_key = (tuple(keys), tuple(lengths))
         cache = self._layouts
         if cache_key in cache:
@@ -428,9 +484,10 @@ class _ProjectedEmbeddingBagCollection(nn.Module):
             offset += length
         widths = dict(zip(keys, lengths))
         for slot, feature in enumerate(self._inner_features):
-            if widths[feature] != stages[0].in_dims[slot]:
+            table_width = stages[0].in_dims[slot] if stages else self._inner_configs[slot].embedding_dim
+            if widths[feature] != table_width:
                 raise ValueError(f"{name}: inner feature {feature!r} is {widths[feature]} wide, "
-                                 f"its table {stages[0].in_dims[slot]}")
+                                 f"its table {table_width}")
         field_of_slot: list[int | None] = [None] * len(self._inner_features)
         for field, slots in enumerate(self._output_slots):
             for slot in slots:
@@ -438,8 +495,10 @@ class _ProjectedEmbeddingBagCollection(nn.Module):
         num_fields = len(self._output_names)
         columns, width = [column[f] for f in self._inner_features], offset
         layouts = []
+        pad = self._layout == "pad"
         for k, projection in enumerate(stages):
-            out_width = self._embedding_dim if k == len(stages) - 1 else projection.out_dims[0]
+            last_projects = k == len(stages) - 1 and not pad
+            out_width = self._embedding_dim if last_projects else projection.out_dims[0]
             if k > 0:
                 if any(len(slots) != 1 for slots in self._output_slots):
                     raise ValueError(f"{name}: a projection after the first needs exactly one slot per field")
@@ -449,12 +508,31 @@ class _ProjectedEmbeddingBagCollection(nn.Module):
                 raise ValueError(f"{name}: projection stage {k} must output width {out_width} for every slot")
             layouts.append((projection, _ProjectionLayout(projection, columns, width, field_of_slot, num_fields,
                                                           out_width)))
-        cache[cache_key] = layouts
-        return layouts
+        pad_layout = None
+        if pad:
+            dim = self._embedding_dim
+            wide = [f for f in self._inner_features if widths[f] > dim] if not stages else \
+                ([self._inner_features[0]] if stages[-1].out_dims[0] > dim else [])
+            if wide:
+                raise ValueError(f"{name}: pad layout: {wide[0]!r} is wider than embedding_dim {dim}")
+            if stages:
+                # The last stage wrote one block of its output width per field, in field order.
+                block = stages[-1].out_dims[0]
+                destinations = [field * dim + j for field in range(num_fields) for j in range(block)]
+            else:
+                # Straight from the inner slots; every input column belongs to exactly one slot.
+                destinations = [0] * offset
+                for slot, feature in enumerate(self._inner_features):
+                    start = column[feature]
+                    for j in range(widths[feature]):
+                        destinations[start + j] = field_of_slot[slot] * dim + j  # type: ignore[operator]
+            pad_layout = _PadLayout(destinations, num_fields, dim)
+        cache[cache_key] = (layouts, pad_layout)
+        return layouts, pad_layout
 
 
 class MixedDimEmbeddingBagCollection(_ProjectedEmbeddingBagCollection):
-    """A mixed-width ``EmbeddingBagCollection`` behind per-table projections to a common width D.
+    """A mixed-width ``EmbeddingBagCollection`` whose outputs are padded or projected to a common width D.
 
     Args:
         tables (list[EmbeddingBagConfig]): the inner tables (any widths, each with one feature and
@@ -462,7 +540,8 @@ class MixedDimEmbeddingBagCollection(_ProjectedEmbeddingBagCollection):
         output_features (dict[str, list[str]]): output field -> the inner features (width groups)
             whose projected pooled vectors are summed into it; ``[]`` gives a zero output.
         embedding_dim (int): the common output width D.
-        projection (str): how a narrower table reaches D; only ``"linear"`` (bias-free, Xavier).
+        layout (str): how a narrower table reaches D: ``"project"`` (bias-free linear map, Xavier
+            init) or ``"pad"`` (trailing zeros, no parameters).
         device (torch.device | str | None): device of tables and projections (``meta`` defers init
             to ``DistributedModelParallel``, which calls ``reset_parameters``).
         num_embeddings_per_field (dict[str, int] | None): raw cardinality per output field, reported
@@ -472,32 +551,33 @@ class MixedDimEmbeddingBagCollection(_ProjectedEmbeddingBagCollection):
 
         tables = [EmbeddingBagConfig(name="t_a", embedding_dim=4, num_embeddings=10, feature_names=["a"]),
                   EmbeddingBagConfig(name="t_b", embedding_dim=8, num_embeddings=5, feature_names=["b"])]
-        m = MixedDimEmbeddingBagCollection(tables, {"a": ["a"], "b": ["b"]}, embedding_dim=8)
+        m = MixedDimEmbeddingBagCollection(tables, {"a": ["a"], "b": ["b"]}, embedding_dim=8, layout="pad")
         kt = m(KeyedJaggedTensor.from_lengths_sync(["a", "b"], torch.tensor([1, 2, 3]), torch.tensor([1, 1, 1, 0])))
         assert kt.values().shape == (2, 16) and kt.length_per_key() == [8, 8]
     """
 
     def __init__(self, tables: list[EmbeddingBagConfig], output_features: dict[str, list[str]], embedding_dim: int,
-                 projection: str = "linear", *, device: torch.device | str | None = None,
+                 layout: str = "project", *, device: torch.device | str | None = None,
                  num_embeddings_per_field: dict[str, int] | None = None) -> None:
         super().__init__()
-        if projection != "linear":
-            raise ValueError(f"MixedDimEmbeddingBagCollection: projection must be 'linear', got {projection!r}")
-        self._init_layout(tables, output_features, embedding_dim, num_embeddings_per_field)
+        self._init_layout(tables, output_features, embedding_dim, num_embeddings_per_field, layout)
         self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device(device) if device is not None else None)
+        # pad stores nothing beyond the tables: no projection module at all (not an empty one), so
+        # the state_dict, the optimizer groups and the parameter count hold the tables alone.
         self.projection = GroupedProjection([t.embedding_dim for t in tables], [embedding_dim] * len(tables),
-                                            device=device)
+                                            device=device) if layout == "project" else None
 
     def reset_parameters(self) -> None:
         """Re-initialises the projections (the tables belong to ``ebc``, sharded or not)."""
-        self.projection.reset_parameters()
+        if self.projection is not None:
+            self.projection.reset_parameters()
 
     def extra_embedding_params(self) -> int:
-        """Parameters of the projections (not counted in the inner tables)."""
-        return self.projection.num_params()
+        """Parameters of the projections (not counted in the inner tables; 0 under ``pad``)."""
+        return 0 if self.projection is None else self.projection.num_params()
 
     def projection_stages(self) -> list[GroupedProjection]:
-        return [self.projection]
+        return [] if self.projection is None else [self.projection]
 
 
 def _project_pooled(module: _ProjectedEmbeddingBagCollection, pooled: KeyedTensor) -> KeyedTensor:
@@ -509,7 +589,8 @@ torch.fx.wrap("_project_pooled")
 
 
 def build_retrain_module(plan: SizePlan, *, device: torch.device | str = "meta") -> MixedDimEmbeddingBagCollection:
-    """The compact retrain module of a plan: one table ``t_<feature>`` per width group.
+    """The compact retrain module of a plan: one table ``t_<feature>`` per width group, padded or
+    projected to D as ``plan.layout`` says.
 
     Group ``k`` of field ``f`` is the table of KJT feature ``f`` (single group) or ``f@g<k>`` with
     one row per kept id, in the order ``IdRemapper`` numbers them. Tables are created on ``meta``
@@ -533,7 +614,7 @@ def build_retrain_module(plan: SizePlan, *, device: torch.device | str = "meta")
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"build_retrain_module: table names {dup} clash after sanitising field names")
     return MixedDimEmbeddingBagCollection(
-        tables, output_features, plan.embedding_dim, device=device,
+        tables, output_features, plan.embedding_dim, plan.layout, device=device,
         num_embeddings_per_field={f.name: f.num_embeddings for f in plan.fields},
     )
 

@@ -7,13 +7,14 @@ Search trains each table factorized: ``V_t`` in ``R^{n_t x k}`` with a per-table
 ``V~_t = V_t W_t^T`` in ``R^{n_t x d}``: the retrain/inference model is a plain d-wide table
 (paper Sec. 3, "the product can be computed once after training").
 
-Our model width is D (the DLRM dot interaction needs it). When the retrain width d equals D
-(no budget), this is the paper's setting. When a budget asks for d < D we train the composite
-``k -> d -> D``: ``P_t W_t`` with ``P_t`` in ``R^{D x d}`` (the same d -> D projection every
-mixed-dimension plan uses). The collapse ``V_t W_t^T`` then stays exact and ``P_t`` is kept as
-the retrain module's projection, so the collapsed model computes exactly what the search model
-did. The composite has rank <= d; it is MLET's factorized training of a d-wide table, followed by
-MDE's projection.
+The model's embedding width d shrinks with the budget: d is the largest multiple of 4 with
+d * N <= budget * D * N, i.e. d / D <= budget (the paper trains and serves a d-wide embedding;
+its experiments use d = 4-16 through k = 64-128). Our DLRM still needs one width D for the dot
+interaction, so under the default ``pad`` layout the d-wide vector is followed by D - d zeros:
+nothing is stored beyond the collapsed d-wide tables, and the search model ``k -> d -> pad`` and
+the collapsed model compute exactly the same thing. Under the ``project`` layout (``search.layout
+= "project"``) we instead train the composite ``k -> d -> D`` with a learned ``P_t`` in
+``R^{D x d}`` (MDE's projection, counted in the budget) and keep ``P_t`` in the retrain module.
 
 Training memory is k/D times the full-width tables (methods.md Sec. 4). Tables must not be
 column-wise sharded in search: a CW shard holds part of k and its product is only a partial sum
@@ -66,7 +67,8 @@ def collapse_shard(rows: torch.Tensor, W: torch.Tensor, *, col_offset: int = 0) 
 
 
 class MLETEmbeddingBagCollection(_ProjectedEmbeddingBagCollection):
-    """The MLET search module: k-wide tables, per-table ``W_t: k -> d``, then ``P_t: d -> D`` if d < D.
+    """The MLET search module: k-wide tables, per-table ``W_t: k -> d``, then zero padding to D
+    (``pad``) or ``P_t: d -> D`` if d < D (``project``).
 
     Args:
         ebc (EmbeddingBagCollection): the inner collection of k-wide tables, one feature each
@@ -75,14 +77,15 @@ class MLETEmbeddingBagCollection(_ProjectedEmbeddingBagCollection):
         embedding_dim (int): the output width D.
         init (str): init of ``W_t``: ``"normal"`` (dlrm_mlet ``--linp-init`` default) or ``"xavier"``.
         init_std (float): standard deviation of the normal init (dlrm_mlet default 0.25).
+        layout (str): ``"pad"`` or ``"project"``, as the exported plan's.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection, width: int, embedding_dim: int, *, init: str = "normal",
-                 init_std: float = 0.25) -> None:
+                 init_std: float = 0.25, layout: str = "pad") -> None:
         super().__init__()
         configs = ebc.embedding_bag_configs()
         self._init_layout(configs, {c.feature_names[0]: [c.feature_names[0]] for c in configs}, embedding_dim,
-                          {c.feature_names[0]: c.num_embeddings for c in configs})
+                          {c.feature_names[0]: c.num_embeddings for c in configs}, layout)
         if width % WIDTH_MULTIPLE or not 0 < width <= embedding_dim:
             raise ValueError(f"MLETEmbeddingBagCollection: width {width} must be a multiple of 4 in (0, {embedding_dim}]")
         for c in configs:
@@ -94,19 +97,22 @@ class MLETEmbeddingBagCollection(_ProjectedEmbeddingBagCollection):
         self.ebc = ebc
         self.down = GroupedProjection([c.embedding_dim for c in configs], [width] * len(configs), device=device,
                                       init=init, init_std=init_std)
-        # Identity (no parameter) when d == D: the paper's setting.
-        self.projection = GroupedProjection([width] * len(configs), [embedding_dim] * len(configs), device=device)
+        # project: identity (no parameter) when d == D. pad: no projection at all.
+        self.projection = GroupedProjection([width] * len(configs), [embedding_dim] * len(configs),
+                                            device=device) if layout == "project" else None
 
     def reset_parameters(self) -> None:
         self.down.reset_parameters()
-        self.projection.reset_parameters()
+        if self.projection is not None:
+            self.projection.reset_parameters()
 
     def extra_embedding_params(self) -> int:
-        return self.down.num_params() + self.projection.num_params()
+        return self.down.num_params() + (0 if self.projection is None else self.projection.num_params())
 
     def projection_stages(self) -> list[GroupedProjection]:
-        """``W_t`` (k -> d), then ``P_t`` (d -> D; identity, passed through, when d == D)."""
-        return [self.down, self.projection]
+        """``W_t`` (k -> d), then ``P_t`` (d -> D; identity, passed through, when d == D) under
+        ``project``; under ``pad`` only ``W_t`` (the padding follows the stages)."""
+        return [self.down] if self.projection is None else [self.down, self.projection]
 
     def down_weight(self, slot: int) -> torch.Tensor:
         """``W_t`` of inner table ``slot`` in the paper's layout ``[d, k]``."""
@@ -117,7 +123,10 @@ class MLETEmbeddingBagCollection(_ProjectedEmbeddingBagCollection):
 
         The retrain module built from the exported plan has the same ``GroupedProjection`` layout
         (same widths, tables in plan order), so its ``projection.*`` keys match these one to one.
+        Empty under ``pad``.
         """
+        if self.projection is None:
+            return {}
         return {f"projection.{k}": v.detach().clone() for k, v in self.projection.state_dict().items()}
 
 
@@ -137,14 +146,16 @@ def collapse_module(search_module: MLETEmbeddingBagCollection) -> MixedDimEmbedd
                                  feature_names=list(c.feature_names), pooling=PoolingType.SUM) for c in configs]
     first = next(iter(search_module.ebc.parameters()))
     out = MixedDimEmbeddingBagCollection(
-        tables, {f: [f] for f in search_module.feature_names}, search_module.embedding_dim, device=first.device,
+        tables, {f: [f] for f in search_module.feature_names}, search_module.embedding_dim, search_module.layout,
+        device=first.device,
         num_embeddings_per_field={c.feature_names[0]: c.num_embeddings for c in configs},
     )
     with torch.no_grad():
         for slot, c in enumerate(configs):
             V = search_module.ebc.embedding_bags[c.name].weight
             out.ebc.embedding_bags[c.name].weight.copy_(collapse_table(V, search_module.down_weight(slot)))
-        out.projection.load_state_dict(search_module.projection.state_dict())
+        if out.projection is not None:
+            out.projection.load_state_dict(search_module.projection.state_dict())
     return out
 
 
@@ -160,7 +171,7 @@ def save_collapsed_init(search_module: MLETEmbeddingBagCollection, plan: SizePla
 
 
 class MLET(EmbeddingMethod):
-    """Factorized k-wide training collapsed to width d (exact), then projected to D if d < D."""
+    """Factorized k-wide training collapsed to width d (exact), padded (or projected) to D."""
 
     name = "mlet"
     # The paper trains factorized and serves the collapse ``V W^T`` (Sec. 3); training the
@@ -175,7 +186,8 @@ class MLET(EmbeddingMethod):
         """Inner (training) width k of every table, a multiple of 4 above the retrain width
         (0 = 4 * D). The paper's gains grow with k (e.g. k = 64-128 for d = 4-16)."""
         width: int = 0
-        """Retrain width d, a multiple of 4 at most D (0 = from ``budget``, else D)."""
+        """Retrain width d, a multiple of 4 at most D (0 = from ``budget``: the largest d whose
+        plan fits it, i.e. d / D <= budget under ``pad``; else D)."""
         budget: float = 0.0
         """Fraction of the full-width parameters for the retrain model when ``width`` is 0
         (0 = none). It must be known before search because d shapes the search model."""
@@ -205,7 +217,7 @@ class MLET(EmbeddingMethod):
         if config.width:
             self.width = config.width
         elif 0 < config.budget < 1:
-            self.width = fixed_width_for_budget(cards, embedding_dim, config.budget)
+            self.width = fixed_width_for_budget(cards, embedding_dim, config.budget, self.layout)
         else:
             self.width = embedding_dim
         self.inner_dim = config.inner_dim or 4 * embedding_dim
@@ -217,7 +229,7 @@ class MLET(EmbeddingMethod):
 
     def build_search_module(self, ebc: EmbeddingBagCollection) -> nn.Module:
         return MLETEmbeddingBagCollection(ebc, self.width, self.embedding_dim, init=self.config.init,
-                                          init_std=self.config.init_std)
+                                          init_std=self.config.init_std, layout=self.layout)
 
     def wants_retrain_init(self) -> bool:
         return True

@@ -408,8 +408,9 @@ class CandidateAUC:
         return 0.5 * tied / total.clamp(min=1)
 
 
-def optembed_param_count(kept_rows: np.ndarray, widths: np.ndarray, embedding_dim: int) -> np.ndarray:
-    """Retrain parameters of width candidates: ``sum_f kept_f * w_f + [w_f < D] * w_f * D``.
+def optembed_param_count(kept_rows: np.ndarray, widths: np.ndarray, embedding_dim: int, layout: str) -> np.ndarray:
+    """Retrain parameters of width candidates: ``sum_f kept_f * w_f`` (``pad``), plus
+    ``[w_f < D] * w_f * D`` under ``project``.
 
     The second term is the ``w_f -> D`` projection of a narrowed field; a field with no kept row is
     dropped and costs nothing.
@@ -418,10 +419,12 @@ def optembed_param_count(kept_rows: np.ndarray, widths: np.ndarray, embedding_di
         kept_rows: ``[F]`` kept rows per field.
         widths: ``[..., F]`` widths.
         embedding_dim: D.
+        layout: the plan layout (``pad`` stores no projection).
     """
     kept = np.asarray(kept_rows, dtype=np.int64)
     w = np.asarray(widths, dtype=np.int64)
-    per_field = kept * w + np.where(w < embedding_dim, w * embedding_dim, 0)
+    projection = np.where(w < embedding_dim, w * embedding_dim, 0) if layout == "project" else 0
+    per_field = kept * w + projection
     return np.where(kept > 0, per_field, 0).sum(-1)
 
 
@@ -706,7 +709,7 @@ class OptEmbed(EmbeddingMethod):
                     table, projection = inherited_weights(full, group, self.embedding_dim)
                     name = table_name_for_feature(feature)
                     module.ebc.embedding_bags[name].weight.copy_(table)
-                    if projection is not None:
+                    if projection is not None and module.projection is not None:
                         module.projection.slot_weight(slots.index(name)).copy_(projection)
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
@@ -777,14 +780,14 @@ class OptEmbed(EmbeddingMethod):
                          else context.budget * full_width_params(self.fields, dim))
 
         def param_count(candidates: np.ndarray) -> np.ndarray:
-            return optembed_param_count(kept_rows, candidates, dim)
+            return optembed_param_count(kept_rows, candidates, dim, self.layout)
 
         narrowest = np.full(len(self.fields), widths[0], dtype=np.int64)
         fallback = bool(param_count(narrowest[None])[0] > budget_params)
         if fallback:
             # Deviation: thresholds alone leave too many rows for the budget even at the narrowest
             # width; prune the lowest-norm kept rows of every field in the same proportion.
-            keeps = _prune_to_budget(norms, keeps, widths[0], dim, budget_params)
+            keeps = _prune_to_budget(norms, keeps, widths[0], dim, budget_params, self.layout)
             kept_rows = np.array([k.sum() for k in keeps], dtype=np.int64)
             best, history = narrowest, []
             logger.warning("OptEmbed: budget %.0f params below the thresholded rows at width %d; kept the "
@@ -893,13 +896,13 @@ def _table_row_norms(context: SearchContext, table_name: str, num_embeddings: in
 
 
 def _prune_to_budget(norms: list[np.ndarray], keeps: list[np.ndarray], width: int, embedding_dim: int,
-                     budget_params: float) -> list[np.ndarray]:
+                     budget_params: float, layout: str) -> list[np.ndarray]:
     """Keeps the top ``floor(r * kept_f)`` rows by norm in every field, r as large as the budget allows."""
     kept = np.array([k.sum() for k in keeps], dtype=np.int64)
     widths = np.full(len(keeps), width, dtype=np.int64)
 
     def fits(ratio: float) -> bool:
-        return optembed_param_count(np.floor(ratio * kept), widths, embedding_dim) <= budget_params
+        return optembed_param_count(np.floor(ratio * kept), widths, embedding_dim, layout) <= budget_params
 
     low, high = 0.0, 1.0
     for _ in range(60):  # bisection on the kept fraction; the count is monotone in it

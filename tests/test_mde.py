@@ -94,15 +94,21 @@ def test_mde_method_plan_builds_matching_module() -> None:
 def test_fixed_width() -> None:
     cards = [1000, 50, 7]
     # w * N + F * w * D <= budget * N * D; N = 1057, F = 3, D = 16
-    assert fixed_width_for_budget(cards, D, 0.5) == 4 * int(0.5 * 1057 * 16 / (1057 + 48) // 4)
-    for budget in (0.3, 0.5, 0.77, 0.99):
-        w = fixed_width_for_budget(cards, D, budget)
-        assert uniform_params(cards, D, w) <= budget * 1057 * D < uniform_params(cards, D, w + 4)
-    with pytest.raises(BudgetError, match="below the smallest uniform plan"):
-        fixed_width_for_budget(cards, D, 0.2)
+    assert fixed_width_for_budget(cards, D, 0.5, "project") == 4 * int(0.5 * 1057 * 16 / (1057 + 48) // 4)
+    assert fixed_width_for_budget(cards, D, 0.5, "pad") == 8
+    for layout in ("pad", "project"):
+        for budget in (0.3, 0.5, 0.77, 0.99):
+            w = fixed_width_for_budget(cards, D, budget, layout)
+            assert uniform_params(cards, D, w, layout) <= budget * 1057 * D < uniform_params(cards, D, w + 4, layout)
+    with pytest.raises(BudgetError, match="below the smallest uniform plan.*the floor is 0.2614"):
+        fixed_width_for_budget(cards, D, 0.2, "project")
+    with pytest.raises(BudgetError, match="the floor is 0.2500"):  # pad: width 4 of D = 16
+        fixed_width_for_budget(cards, D, 0.2, "pad")
     method = FixedWidth(FixedWidth.Config(), _fields(cards), D)
+    assert method.layout == "pad"
     plan = method.export_plan(None, _Context(budget=0.5))
-    assert {f.widths[0] for f in plan.fields} == {fixed_width_for_budget(cards, D, 0.5)}
+    assert plan.layout == "pad" and plan.num_projection_params() == 0
+    assert {f.widths[0] for f in plan.fields} == {fixed_width_for_budget(cards, D, 0.5, "pad")}
     assert plan.achieved_fraction() <= 0.5
     assert [f.widths for f in method.export_plan(None, _Context(budget=1.0)).fields] == [[8]] * 3  # D / 2
     assert FixedWidth(FixedWidth.Config(width=12), _fields(cards), D).plan_for_budget(None).fields[0].widths == [12]

@@ -1,8 +1,9 @@
 """The compact retrain path: IdRemapper -> KJT -> MixedDimEmbeddingBagCollection inside torchrec's DLRM.
 
 The reference semantics of a plan: field f's embedding of a bag is ``sum_{i in bag} E_f[i]`` where
-``E_f[i] = V_g[local(i)] P_g`` for the group g holding id i (``P_g`` = identity at width D) and
-``E_f[i] = 0`` for a pruned id. The tests expand a compact module into these full-width tables and
+``E_f[i] = V_g[local(i)] P_g`` for the group g holding id i (``project``; ``P_g`` = identity at
+width D), or ``E_f[i] = [V_g[local(i)], 0, ..., 0]`` (``pad``: the full-width row with its trailing
+D - w dims masked to zero), and ``E_f[i] = 0`` for a pruned id. The tests expand a compact module into these full-width tables and
 compare, single process and on 2 gloo ranks under DistributedModelParallel.
 """
 
@@ -44,9 +45,9 @@ def i64(xs) -> np.ndarray:
     return np.asarray(list(xs), dtype=np.int64)
 
 
-def toy_plan() -> SizePlan:
+def toy_plan(layout: str = "project") -> SizePlan:
     """Split + pruned (a), whole at 4 (b), whole at D (c), multi-hot split (d), pruned (e), multi-hot pruned (f)."""
-    return SizePlan(method="toy", embedding_dim=D, budget=0.5, layout="project", fields=[
+    return SizePlan(method="toy", embedding_dim=D, budget=0.5, layout=layout, fields=[
         FieldPlan("a", 50, [GroupPlan(8, i64(range(0, 10))), GroupPlan(4, i64(range(10, 40)))]),
         FieldPlan("b", 30, [GroupPlan(4)]),
         FieldPlan("c", 20, [GroupPlan(8)]),
@@ -68,7 +69,9 @@ def raw_batch(plan: SizePlan, batch_size: int, rng: np.random.Generator) -> dict
 
 
 def expanded_tables(plan: SizePlan, module: MixedDimEmbeddingBagCollection) -> dict[str, torch.Tensor]:
-    """Full-width ``[num_embeddings, D]`` table per field equivalent to the compact module."""
+    """Full-width ``[num_embeddings, D]`` table per field equivalent to the compact module: a pad
+    group's rows are its table's rows with the trailing D - w dims zero (the masked full-width
+    model), a projected group's rows are ``V P``."""
     weights = {c.feature_names[0]: module.ebc.embedding_bags[c.name].weight.detach() for c in module.inner_configs()}
     slot_of = {c.feature_names[0]: i for i, c in enumerate(module.inner_configs())}
     full = {}
@@ -76,10 +79,10 @@ def expanded_tables(plan: SizePlan, module: MixedDimEmbeddingBagCollection) -> d
         table = torch.zeros(f.num_embeddings, D)
         for k, g in enumerate(f.groups):
             feature = retrain_feature_names(SizePlan("x", D, [f]))[k]
-            P = module.projection.slot_weight(slot_of[feature])
+            P = None if module.projection is None else module.projection.slot_weight(slot_of[feature])
             rows = weights[feature] if P is None else weights[feature] @ P.detach()
             ids = torch.arange(f.num_embeddings) if g.ids is None else torch.from_numpy(g.ids)
-            table[ids] = rows
+            table[ids, :rows.shape[1]] = rows
         full[f.name] = table
     return full
 
@@ -183,16 +186,23 @@ def test_grouped_projection_matches_per_slot_matmul() -> None:
     assert proj.weight_4x8.abs().max() <= bound
 
 
-def test_compact_module_equals_expanded_tables() -> None:
-    plan = toy_plan()
+@pytest.mark.parametrize("layout", ["project", "pad"])
+def test_compact_module_equals_expanded_tables(layout: str) -> None:
+    """With the same weights, the compact module equals the full-width model whose rows are the
+    group rows projected (``project``) or masked to their width (``pad``), pruned ids zero."""
+    plan = toy_plan(layout)
     torch.manual_seed(0)
     module = build_retrain_module(plan, device="cpu")
+    assert module.layout == layout and (module.projection is None) == (layout == "pad")
     configs = module.embedding_bag_configs()
     assert [c.feature_names for c in configs] == [["a"], ["b"], ["c"], ["d"], ["e"], ["f"]]
     assert {c.embedding_dim for c in configs} == {D}
     assert module.extra_embedding_params() == plan.num_projection_params()
     inner_params = sum(c.num_embeddings * c.embedding_dim for c in module.inner_configs())
     assert inner_params + module.extra_embedding_params() == plan.num_params()
+    assert sum(p.numel() for p in module.parameters()) == plan.num_params()
+    if layout == "pad":
+        assert plan.num_params() == plan.num_table_params() and plan.projection_share() == 0
     remap = IdRemapper(plan)
     full = expanded_tables(plan, module)
     for batch_size, seed in [(1, 0), (7, 1), (64, 2)]:
@@ -275,7 +285,7 @@ def test_fused_projection_equals_per_slot_reference(layout: str, split_weight_gr
         from embdim.embedding_methods import gemm
 
         assert gemm.split_rows(1, values.shape[0], gemm.multiprocessors(values.device)) > 1  # the split ran
-    layouts = [layout for stages in module._layouts.values() for _, layout in stages]
+    layouts = [layout for stages, _ in module._layouts.values() for _, layout in stages]
     modes = {g.mode for lay in layouts for g in lay.groups}
     if layout == "uniform":
         assert modes == {"write"} and all(g.in_step is not None for lay in layouts for g in lay.groups)
@@ -302,9 +312,10 @@ def test_meta_module_and_bad_layouts() -> None:
         build_retrain_module(SizePlan("x", 8, [FieldPlan("a", 5, [])]))
 
 
-@pytest.mark.parametrize("interaction", ["dot", "dcn"])
-def test_unmodified_dlrm_trains_with_compact_module(interaction: str) -> None:
-    plan = toy_plan()
+@pytest.mark.parametrize("interaction,layout", [("dot", "project"), ("dcn", "project"), ("dot", "pad"),
+                                                ("dcn", "pad")])
+def test_unmodified_dlrm_trains_with_compact_module(interaction: str, layout: str) -> None:
+    plan = toy_plan(layout)
     torch.manual_seed(0)
     ebc = build_retrain_module(plan, device="cpu")
     if interaction == "dot":
@@ -330,8 +341,8 @@ def test_unmodified_dlrm_trains_with_compact_module(interaction: str) -> None:
         opt.step()
     after = eval_loss()
     assert after < 0.75 * before, (before, after)
-    # The projections were trained too (they receive gradients through the DLRM).
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ebc.projection.parameters())
+    # Every table (and projection) was trained: each receives gradients through the DLRM.
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ebc.parameters())
 
 
 # --- 2 gloo ranks ---------------------------------------------------------------------------------
@@ -447,6 +458,7 @@ def _sharded_body(rank: int, world_size: int, plan_dir: str) -> None:
     pipeline.detach()
 
 
-def test_sharded_equals_unsharded_and_pipelines(tmp_path) -> None:
-    save_plan(toy_plan(), tmp_path)
+@pytest.mark.parametrize("layout", ["project", "pad"])
+def test_sharded_equals_unsharded_and_pipelines(tmp_path, layout: str) -> None:
+    save_plan(toy_plan(layout), tmp_path)
     run_multiprocess(_sharded_body, world_size=2, plan_dir=str(tmp_path))

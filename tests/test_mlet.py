@@ -46,8 +46,9 @@ class _Context:
     embedding_dim: int = D
 
 
-def search_module(width: int, inner_dim: int = 32, seed: int = 0) -> tuple[MLET, MLETEmbeddingBagCollection]:
-    method = MLET(MLET.Config(width=width, inner_dim=inner_dim), FIELDS, D)
+def search_module(width: int, inner_dim: int = 32, seed: int = 0,
+                  layout: str = "pad") -> tuple[MLET, MLETEmbeddingBagCollection]:
+    method = MLET(MLET.Config(width=width, inner_dim=inner_dim), FIELDS, D, layout=layout)
     torch.manual_seed(seed)
     ebc = EmbeddingBagCollection(tables=method.search_tables(), device=torch.device("cpu"))
     return method, method.build_search_module(ebc)
@@ -78,11 +79,12 @@ def test_collapse_table_and_shards() -> None:
         collapse_shard(V[:, :8], W, col_offset=8)
 
 
-@pytest.mark.parametrize("width", [4, D])  # d < D keeps the d -> D projection; d == D is the paper's setting
-def test_collapsed_module_equals_factorized(width: int) -> None:
-    method, module = search_module(width)
+@pytest.mark.parametrize("layout", ["pad", "project"])
+@pytest.mark.parametrize("width", [4, D])  # d < D: padded (the paper) or projected to D; d == D needs neither
+def test_collapsed_module_equals_factorized(width: int, layout: str) -> None:
+    method, module = search_module(width, layout=layout)
     assert [c.embedding_dim for c in module.inner_configs()] == [32] * 3
-    projection = 3 * width * D if width < D else 0
+    projection = 3 * width * D if width < D and layout == "project" else 0
     assert module.extra_embedding_params() == 3 * 32 * width + projection
     # A few SGD steps so the factors are not at their init.
     opt = torch.optim.SGD(module.parameters(), lr=0.5)
@@ -102,16 +104,18 @@ def test_collapsed_module_equals_factorized(width: int) -> None:
         torch.testing.assert_close(got.values(), want.values(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["pad", "project"])
 @pytest.mark.parametrize("width", [4, D])
 @pytest.mark.parametrize("shuffled", [False, True])
-def test_fused_two_stage_projection_equals_per_table_formula(width: int, shuffled: bool,
+def test_fused_two_stage_projection_equals_per_table_formula(width: int, shuffled: bool, layout: str,
                                                              split_weight_grads: bool) -> None:
     """The search module projects in two ``_ProjectPooled`` stages (k -> d into a [B, F * d]
-    buffer, then d -> D, or nothing when d == D): the values and gradients of ``(x_t @ W_t) @ P_t``
-    per table, whatever key order the (sharded) inner collection returns."""
+    buffer, then d -> D, or nothing when d == D) or pads after the first: the values and
+    gradients of ``(x_t @ W_t) @ P_t`` (``[x_t @ W_t, 0]`` under pad) per table, whatever key order
+    the (sharded) inner collection returns."""
     from torchrec.sparse.jagged_tensor import KeyedTensor
 
-    _, module = search_module(width, seed=3)
+    _, module = search_module(width, seed=3, layout=layout)
     keys = [c.feature_names[0] for c in module.inner_configs()]
     if shuffled:
         keys = [keys[i] for i in (2, 0, 1)]
@@ -120,7 +124,7 @@ def test_fused_two_stage_projection_equals_per_table_formula(width: int, shuffle
     got = module.project_pooled(kt)
     coef = torch.randn_like(got.values())
     (got.values() * coef).sum().backward()
-    params = list(module.down.parameters()) + list(module.projection.parameters())
+    params = list(module.down.parameters()) + ([] if module.projection is None else list(module.projection.parameters()))
     got_grads = [values.grad.clone()] + [p.grad.clone() for p in params]
     for p in [values, *params]:
         p.grad = None
@@ -128,16 +132,19 @@ def test_fused_two_stage_projection_equals_per_table_formula(width: int, shuffle
     outs = []
     for slot, feature in enumerate(module._inner_features):
         y = pooled[feature] @ module.down.slot_weight(slot)
-        projection = module.projection.slot_weight(slot)
-        outs.append(y if projection is None else y @ projection)
+        projection = None if module.projection is None else module.projection.slot_weight(slot)
+        outs.append(torch.nn.functional.pad(y, (0, D - width)) if projection is None else y @ projection)
     want = torch.cat(outs, dim=1)
     (want * coef).sum().backward()
     assert got.keys() == ["u", "i", "tags"]
     torch.testing.assert_close(got.values(), want, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, [values.grad] + [p.grad for p in params]):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    (stages,) = module._layouts.values()
-    assert [layout.passthrough for _, layout in stages] == [False, width == D]
+    ((stages, pad),) = module._layouts.values()
+    if layout == "project":
+        assert [lay.passthrough for _, lay in stages] == [False, width == D] and pad is None
+    else:
+        assert [lay.passthrough for _, lay in stages] == [False] and pad.passthrough == (width == D)
 
 
 def test_export_save_and_load_compact(tmp_path: Path) -> None:
@@ -187,19 +194,25 @@ def test_init_checkpoint_as_dcp_folder(tmp_path: Path) -> None:
         load_compact_embedding(tmp_path)
 
 
-def test_mlet_stands_in_for_dlrm_ebc() -> None:
-    _, module = search_module(4)
+@pytest.mark.parametrize("layout", ["pad", "project"])
+def test_mlet_stands_in_for_dlrm_ebc(layout: str) -> None:
+    _, module = search_module(4, layout=layout)
     dlrm = DLRM(embedding_bag_collection=module, dense_in_features=3, dense_arch_layer_sizes=[D],
                 over_arch_layer_sizes=[4, 1])
     logits = dlrm(torch.randn(16, 3), kjt(16, True, seed=0))
     logits.sum().backward()
     assert logits.shape == (16, 1)
-    assert module.down.weight_32x4.grad is not None and module.projection.weight_4x8.grad is not None
+    assert module.down.weight_32x4.grad is not None
+    assert module.projection is None if layout == "pad" else module.projection.weight_4x8.grad is not None
 
 
 def test_config_and_width_from_budget() -> None:
     cards = [f.num_embeddings for f in FIELDS]
-    assert MLET(MLET.Config(budget=0.7), FIELDS, D).width == fixed_width_for_budget(cards, D, 0.7)
+    assert MLET(MLET.Config(budget=0.7), FIELDS, D).width == fixed_width_for_budget(cards, D, 0.7, "pad")
+    # pad (the paper): d / D <= budget, no projection; project pays for P_t.
+    assert MLET(MLET.Config(budget=0.5), FIELDS, D).width == D // 2
+    assert MLET(MLET.Config(budget=0.7), FIELDS, D, layout="project").width == \
+        fixed_width_for_budget(cards, D, 0.7, "project")
     method = MLET(MLET.Config(), FIELDS, D)
     assert (method.width, method.inner_dim) == (D, 4 * D)
     with pytest.raises(ConfigError, match="mlet.inner_dim: 8 must exceed the retrain width 8"):
