@@ -10,6 +10,9 @@ batch size on in-memory batches (the same batches for every variant):
 - ``plain_d<W>``: the same plain TorchRec model with every table (and the bottom MLP's output) W
   wide instead of ``--dim``: the ceiling any compact model of that compression can reach, as it
   also shrinks the dense interaction (a compact model keeps it at ``--dim`` to stand in for the EBC).
+- ``plain_cap<N>``: plain TorchRec with every table capped at N rows (ids folded modulo N on the
+  host, as a hashed production model would): the full-width model that fits the memory a compact
+  model of all the rows takes (Criteo-1TB on one GPU).
 - ``ebc`` / ``ebc_d<W>``: the sharded EmbeddingBagCollection alone (fused optimizer, all-to-all,
   no dense arch; loss = mean of the pooled outputs): the embedding-bound share of ``plain``'s step.
 - ``ebc_compact_<method>``: the retrained compact module of ``compact_<method>`` alone in the EBC's
@@ -24,6 +27,15 @@ batch size on in-memory batches (the same batches for every variant):
   exported from the ``search_pme`` model of the same run, so ``search_pme`` must come first).
   Per-id plans remap ids on the host (in the loader); that cost is measured separately per batch
   (``remap_ms``) and is not in the step time, as loader work overlaps training.
+  ``compact_<method>_pad`` / ``compact_<method>_project`` (and ``ebc_compact_<method>_<layout>``):
+  the same plan (same tables and ids) in the named layout, so pad and project are timed on
+  identical tables; without the suffix the method's own layout (``search.layout``).
+
+Any variant but the ``search_*`` ones takes a ``_fp16`` suffix: its tables store fp16 weights
+(``model.table_dtype = "fp16"``; for ``plain*``, TorchRec's ``DataType.FP16``).
+
+The batches are single-hot unless ``--multi-hot-fields K``: then the last K fields carry bags of
+``1 + Poisson(--multi-hot-mean - 1)`` ids.
 
 The batches are generated once per rank: ids drawn per field from the same bounded power law as
 ``embdim data synth`` (Zipf, exponent 1.1), so the lookups hit a realistic skew. Step time is the
@@ -85,6 +97,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="rows of the on-disk dataset (its manifest and counts matter, and the rows feed "
                         "the full_parquet variant: give it enough for warmup + steps batches)")
     p.add_argument("--loader-workers", type=int, default=4, help="Parquet loader processes per rank (full_parquet)")
+    p.add_argument("--multi-hot-fields", type=int, default=0, help="the last K fields are multi-hot")
+    p.add_argument("--multi-hot-mean", type=float, default=8.0, help="mean ids per multi-hot bag")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--out", default="/tmp/embdim_bench_gpu")
     p.add_argument("--render", nargs="+", metavar="RESULTS_JSONL",
@@ -94,8 +108,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     for variant in args.variants.split(","):
         try:
             variant_width(variant, args.dim)
+            if variant.startswith("search_") and split_variant(variant)[1]:
+                raise ValueError(f"{variant}: search variants take no _fp16 suffix")
         except ValueError as e:
             p.error(f"--variants: {e}")
+    if not 0 <= args.multi_hot_fields <= 26 or args.multi_hot_mean < 1:
+        p.error("--multi-hot-fields must be in [0, 26] and --multi-hot-mean at least 1")
     return args
 
 
@@ -129,16 +147,21 @@ def ensure_dataset(args: argparse.Namespace) -> Path:
     return data
 
 
-def make_features(manifest: Any, batch_size: int, seed: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
-                                                                       np.ndarray, np.ndarray]:
-    """One batch on the host: ``(features, dense, labels)`` in the reader's ``FeatureDict`` form."""
+def make_features(manifest: Any, batch_size: int, seed: int, multi_hot_fields: int = 0,
+                  multi_hot_mean: float = 1.0) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
+    """One batch on the host: ``(features, dense, labels)`` in the reader's ``FeatureDict`` form;
+    the last ``multi_hot_fields`` fields get bags of ``1 + Poisson(multi_hot_mean - 1)`` ids."""
     from embdim.trainer.data.synth import zipf_ids
 
     rng = np.random.default_rng(seed)
     features = {}
-    for f in manifest.sparse:
-        ids = zipf_ids(rng.random(batch_size), max(1, f.num_embeddings - 1), ZIPF_EXPONENT)
-        features[f.name] = (ids, np.ones(batch_size, np.int32))
+    first_multi = len(manifest.sparse) - multi_hot_fields
+    for j, f in enumerate(manifest.sparse):
+        lengths = np.ones(batch_size, np.int32)
+        if j >= first_multi:
+            lengths += rng.poisson(multi_hot_mean - 1, size=batch_size).astype(np.int32)
+        ids = zipf_ids(rng.random(int(lengths.sum())), max(1, f.num_embeddings - 1), ZIPF_EXPONENT)
+        features[f.name] = (ids, lengths)
     dense = rng.standard_normal((batch_size, len(manifest.dense) or 1)).astype(np.float32)
     labels = (rng.random(batch_size) < 0.25).astype(np.float32)
     return features, dense, labels
@@ -157,8 +180,13 @@ def to_batch(features: dict[str, tuple[np.ndarray, np.ndarray]], dense: np.ndarr
 
 
 # ---------------------------------------------------------------------------- models
+def split_variant(variant: str) -> tuple[str, bool]:
+    """``(variant without its _fp16 suffix, whether it has one)``."""
+    return (variant[:-5], True) if variant.endswith("_fp16") else (variant, False)
+
+
 def _config(args: argparse.Namespace, sharding: str, variant: str) -> Any:
-    """The run config of one variant (at ``variant_width``) under one sharding type."""
+    """The run config of one variant (at ``variant_width``, fp16 tables for ``*_fp16``) under one sharding type."""
     from embdim.trainer.config import load_config
     from embdim.trainer.phases import RunConfig
 
@@ -167,7 +195,30 @@ def _config(args: argparse.Namespace, sharding: str, variant: str) -> Any:
             "model.over_arch_layer_sizes=[512, 256, 1]", f"sharding.sharding_type={sharding}",
             "data.batch_size=64", "data.num_workers=0", "train.progress_bar=false", f"search.budget={args.budget}",
             *args.set]
+    if split_variant(variant)[1]:
+        sets.append('model.table_dtype="fp16"')
     return load_config(None, sets, cls=RunConfig)
+
+
+def plain_cap(variant: str) -> int:
+    """N of a ``plain_cap<N>`` variant (0 for any other)."""
+    base = split_variant(variant)[0]
+    if not base.startswith("plain_cap"):
+        return 0
+    digits = base[len("plain_cap"):]
+    if not digits.isdigit() or int(digits) <= 0:
+        raise ValueError(f"{variant}: the cap after plain_cap must be a positive number of rows")
+    return int(digits)
+
+
+class FoldIds:
+    """Host transform of ``plain_cap<N>``: every id modulo the capped table's rows."""
+
+    def __init__(self, caps: dict[str, int]) -> None:
+        self.caps = caps
+
+    def __call__(self, features: dict, batch_size: int) -> dict:
+        return {k: (ids % self.caps[k], lengths) for k, (ids, lengths) in features.items()}
 
 
 class EmbeddingOnly(torch.nn.Module):
@@ -183,23 +234,27 @@ class EmbeddingOnly(torch.nn.Module):
         return loss, loss.detach()
 
 
-def build_plain(config: Any, manifest: Any, env: Any, embedding_only: bool = False) -> tuple[Any, Any]:
+def build_plain(config: Any, manifest: Any, env: Any, embedding_only: bool = False,
+                cap: int = 0) -> tuple[Any, Any, list]:
     """Plain TorchRec: the reference every other variant is compared with (no embdim code).
-    ``embedding_only``: the sharded EBC alone (:class:`EmbeddingOnly`) instead of the DLRM."""
+    ``embedding_only``: the sharded EBC alone (:class:`EmbeddingOnly`) instead of the DLRM;
+    ``cap``: at most that many rows per table. Returns ``(model, optimizer, tables)``."""
     from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
     from torchrec.distributed.planner.types import ParameterConstraints
     from torchrec.distributed.types import ShardingEnv
     from torchrec.models.dlrm import DLRM, DLRMTrain
-    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
     from embdim.sharding.planner import device_memory, get_sharders, sparse_optimizer
 
     d = config.model.embedding_dim
-    tables = [EmbeddingBagConfig(name=f"t_{f.name}", embedding_dim=d, num_embeddings=f.num_embeddings,
-                                 feature_names=[f.name]) for f in manifest.sparse]
+    data_type = DataType.FP16 if config.model.table_dtype == "fp16" else DataType.FP32
+    tables = [EmbeddingBagConfig(name=f"t_{f.name}", embedding_dim=d, feature_names=[f.name], data_type=data_type,
+                                 num_embeddings=min(f.num_embeddings, cap) if cap else f.num_embeddings)
+              for f in manifest.sparse]
     ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
     if embedding_only:
         model: torch.nn.Module = EmbeddingOnly(ebc)
@@ -220,7 +275,7 @@ def build_plain(config: Any, manifest: Any, env: Any, embedding_only: bool = Fal
     plan = planner.collective_plan(model, sharders, env.pg)
     dmp = DistributedModelParallel(module=model, env=ShardingEnv.from_process_group(env.pg), device=env.device,
                                    plan=plan, sharders=sharders)
-    return dmp, fused_and_adam(dmp, config.optim.dense_lr)
+    return dmp, fused_and_adam(dmp, config.optim.dense_lr), tables
 
 
 def fused_and_adam(dmp: Any, dense_lr: float) -> Any:
@@ -237,7 +292,8 @@ def fused_and_adam(dmp: Any, dense_lr: float) -> Any:
 
 def variant_width(variant: str, default: int) -> int:
     """The table width a reference variant runs at: ``plain_d32`` / ``ebc_d32`` -> 32, else ``default``."""
-    base, sep, width = variant.rpartition("_d")
+    plain_cap(variant)  # checks the cap of plain_cap<N>
+    base, sep, width = split_variant(variant)[0].rpartition("_d")
     if sep and base in ("plain", "ebc"):
         if not width.isdigit() or int(width) <= 0 or int(width) % 4:
             raise ValueError(f"{variant}: the width after _d must be a positive multiple of 4 (sharded tables)")
@@ -250,14 +306,18 @@ class Built:
 
     def __init__(self, model: Any, optimizer: Any, tables: list, transform: Callable | None = None,
                  keep: Any = None) -> None:
+        from torchrec.modules.embedding_configs import data_type_to_dtype
+
         self.model, self.optimizer, self.transform, self.keep = model, optimizer, transform, keep
-        # Width of the table each KJT key is looked up in (for the embedding traffic estimate).
-        self.key_widths = {name: t.embedding_dim for t in tables for name in t.feature_names}
+        self.tables = list(tables)
+        # Bytes of one row of the table each KJT key is looked up in (for the traffic estimate).
+        self.key_bytes = {name: t.embedding_dim * data_type_to_dtype(t.data_type).itemsize
+                          for t in tables for name in t.feature_names}
 
     def lookup_bytes(self, batch: Any) -> int:
         kjt = batch.sparse_features
         counts = kjt.length_per_key()
-        return sum(n * self.key_widths.get(k, 0) * 4 for k, n in zip(kjt.keys(), counts))
+        return sum(n * self.key_bytes.get(k, 0) for k, n in zip(kjt.keys(), counts))
 
 
 def build_variant(variant: str, config: Any, data: Path, run_dir: Path, env: Any, state: dict) -> Built:
@@ -273,8 +333,13 @@ def build_variant(variant: str, config: Any, data: Path, run_dir: Path, env: Any
 
     manifest = load_manifest(data)
     full_tables = build_tables(manifest, config.model.embedding_dim)
+    variant = split_variant(variant)[0]  # the _fp16 suffix is in the config already
+    if cap := plain_cap(variant):
+        model, optimizer, tables = build_plain(config, manifest, env, cap=cap)
+        return Built(model, optimizer, tables,
+                     transform=FoldIds({t.feature_names[0]: t.num_embeddings for t in tables}))
     if variant in ("plain", "ebc") or variant.startswith(("plain_d", "ebc_d")):
-        return Built(*build_plain(config, manifest, env, embedding_only=variant.startswith("ebc")), full_tables)
+        return Built(*build_plain(config, manifest, env, embedding_only=variant.startswith("ebc")))
     if variant in ("full", "full_parquet"):
         trainer = Trainer(config, data, run_dir, env=env)
         return Built(trainer.model, trainer.optimizer, full_tables, keep=trainer)
@@ -300,33 +365,54 @@ def build_variant(variant: str, config: Any, data: Path, run_dir: Path, env: Any
         from embdim.sharding.planner import shard_model
 
         plan = _compact_plan(variant[len("ebc_compact_"):], variant, config, manifest, data, state)
-        dmp = shard_model(EmbeddingOnly(build_retrain_module(plan, device="meta")), env, config)
-        return Built(dmp, fused_and_adam(dmp, config.optim.dense_lr),
-                     build_retrain_module(plan, device="meta").inner_configs(), transform=IdRemapper(plan))
+        dmp = shard_model(EmbeddingOnly(compact_module(plan, config)), env, config)
+        return Built(dmp, fused_and_adam(dmp, config.optim.dense_lr), compact_module(plan, config).inner_configs(),
+                     transform=IdRemapper(plan))
     if kind == "compact":
         plan = _compact_plan(name, variant, config, manifest, data, state)
         remapper = IdRemapper(plan)
         trainer = Trainer(config, data, run_dir, env=env,
-                          sparse_module_factory=lambda _t: build_retrain_module(plan, device="meta"),
+                          sparse_module_factory=lambda _t: compact_module(plan, config),
                           feature_transform=remapper, phase="retrain")
-        tables = build_retrain_module(plan, device="meta").inner_configs()
+        tables = compact_module(plan, config).inner_configs()
         return Built(trainer.model, trainer.optimizer, tables, transform=remapper, keep=trainer)
-    raise ValueError(f"unknown variant {variant!r}; choose from plain, plain_d<W>, ebc, ebc_d<W>, full, "
-                     "full_parquet, search_<method>, compact_<method>, ebc_compact_<method>")
+    raise ValueError(f"unknown variant {variant!r}; choose from plain, plain_d<W>, plain_cap<N>, ebc, ebc_d<W>, "
+                     "full, full_parquet, search_<method>, compact_<method>[_pad|_project], "
+                     "ebc_compact_<method>[_pad|_project], each but search_* with an optional _fp16")
+
+
+def compact_module(plan: Any, config: Any) -> Any:
+    """The retrain module of ``plan`` on ``meta``, with the run's table precision."""
+    from embdim.embedding_methods.mixed_dim import build_retrain_module
+
+    return build_retrain_module(plan, device="meta", table_dtype=config.model.table_dtype)
+
+
+def compact_method(name: str) -> tuple[str, str | None]:
+    """``(method, layout or None)`` of a compact variant's name: ``pme_project`` -> (pme, project)."""
+    from embdim.embedding_methods.plan import LAYOUTS
+
+    base, _, layout = name.rpartition("_")
+    return (base, layout) if base and layout in LAYOUTS else (name, None)
 
 
 def needs_plan(variant: str, variants: str) -> bool:
     """Whether ``variant`` is a search whose plan a later ``[ebc_]compact_<method>`` retrains."""
     name = variant[len("search_"):]
-    return variant.startswith("search_") and any(v in (f"compact_{name}", f"ebc_compact_{name}")
-                                                 for v in variants.split(","))
+    return variant.startswith("search_") and any(
+        compact_method(split_variant(v)[0].removeprefix("ebc_").removeprefix("compact_"))[0] == name
+        for v in variants.split(",") if split_variant(v)[0].startswith(("compact_", "ebc_compact_")))
 
 
 def _compact_plan(name: str, variant: str, config: Any, manifest: Any, data: Path, state: dict) -> Any:
     """The size plan a ``compact_<name>`` variant retrains: ``fixed``'s closed form at the budget,
-    or the plan exported from ``search_<name>`` earlier in the run. Sets ``state["fraction"]``."""
+    or the plan exported from ``search_<name>`` earlier in the run, relabelled with the layout the
+    name asks for (the same tables and ids). Sets ``state["fraction"]``."""
+    import dataclasses
+
     from embdim.trainer.phases import TrainerSearchContext, build_method
 
+    name, layout = compact_method(name)
     if name == "fixed":
         method = build_method(config, "fixed", manifest)
         plan = method.export_plan(None, TrainerSearchContext(None, manifest, data, config.search.budget,
@@ -335,6 +421,8 @@ def _compact_plan(name: str, variant: str, config: Any, manifest: Any, data: Pat
         plan = state["plans"][name]
     else:
         raise ValueError(f"{variant}: no {name} plan; put search_{name} before it in --variants")
+    if layout is not None:
+        plan = dataclasses.replace(plan, layout=layout)
     state["fraction"] = plan.achieved_fraction()
     return plan
 
@@ -442,7 +530,8 @@ def worker(args: argparse.Namespace) -> None:
     out = Path(args.out)
     results_path = out / "results.jsonl"
     bandwidth = copy_bandwidth(env.device)
-    host = {b: [make_features(manifest, b, seed=1000 * env.rank + i) for i in range(NUM_DISTINCT_BATCHES)]
+    host = {b: [make_features(manifest, b, seed=1000 * env.rank + i, multi_hot_fields=args.multi_hot_fields,
+                              multi_hot_mean=args.multi_hot_mean) for i in range(NUM_DISTINCT_BATCHES)]
             for b in _ints(args.batch_sizes)}
     for sharding in args.shardings.split(","):
         if env.world_size == 1 and sharding != args.shardings.split(",")[0]:
@@ -463,6 +552,11 @@ def worker(args: argparse.Namespace) -> None:
                 record["fraction"] = state.pop("fraction", None)
                 if width != args.dim:  # a narrower reference: its width ratio
                     record["fraction"] = width / args.dim
+                if cap := plain_cap(variant):  # a capped reference: its share of the rows
+                    cards = [f.num_embeddings for f in manifest.sparse]
+                    record["fraction"] = sum(min(c, cap) for c in cards) / sum(cards)
+                record["table_dtype"] = config.model.table_dtype
+                record["table_gib"] = table_gib(built)
             except Exception as e:  # recorded and skipped: one variant failing must not hide the others
                 _emit(results_path, env, {**record, "error": f"{type(e).__name__}: {e}"})
                 continue
@@ -500,6 +594,14 @@ def worker(args: argparse.Namespace) -> None:
     destroy()
 
 
+def table_gib(built: Built) -> float:
+    """GiB of the variant's embedding weights on all ranks (what its tables store)."""
+    from torchrec.modules.embedding_configs import data_type_to_dtype
+
+    configs = getattr(built, "tables", None) or []
+    return sum(t.num_embeddings * t.embedding_dim * data_type_to_dtype(t.data_type).itemsize for t in configs) / 2**30
+
+
 def _emit(path: Path, env: Any, row: dict) -> None:
     if env.is_main:
         with open(path, "a") as f:  # append-only log: a crash loses at most the row being written
@@ -512,20 +614,21 @@ def render(rows: list[dict]) -> str:
     """Markdown: one line per (ranks, sharding, batch, variant) with its ratio to ``plain``."""
     plain = {(r["nproc"], r["sharding"], r.get("batch_size")): r for r in rows
              if r["variant"] == "plain" and "samples_per_s" in r}
-    lines = ["| GPUs | sharding | batch/GPU | variant | fraction | samples/s | step ms | x plain step | "
-             "peak GiB | emb GB/s | copy GB/s | remap ms |", "|" + "---|" * 12]
+    lines = ["| GPUs | sharding | batch/GPU | variant | fraction | tables GiB | samples/s | step ms | x plain step | "
+             "peak GiB | emb GB/s | copy GB/s | remap ms |", "|" + "---|" * 13]
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         if r["variant"].startswith("export_"):
             continue
         ref = plain.get((r["nproc"], r["sharding"], r.get("batch_size")))
         if "error" in r:
-            lines.append(f"| {r['nproc']} | {r['sharding']} | {r.get('batch_size', '')} | {r['variant']} | | "
+            lines.append(f"| {r['nproc']} | {r['sharding']} | {r.get('batch_size', '')} | {r['variant']} | | | "
                          f"{r['error'][:120]} | | | | | | |")
             continue
         ratio = r["step_ms"] / ref["step_ms"] if ref else None
         lines.append(f"| {r['nproc']} | {r['sharding']} | {r['batch_size']} | {r['variant']} | "
-                     f"{fmt(r.get('fraction'), '.3f')} | {r['samples_per_s']:,.0f} | {r['step_ms']:.2f} | "
+                     f"{fmt(r.get('fraction'), '.3f')} | {fmt(r.get('table_gib'), '.2f')} | "
+                     f"{r['samples_per_s']:,.0f} | {r['step_ms']:.2f} | "
                      f"{fmt(ratio, '.2f')} | {r['peak_gib']:.1f} | {fmt(r.get('emb_gbps'), '.0f')} | "
                      f"{fmt(r.get('copy_gbps'), '.0f')} | {fmt(r.get('remap_ms'), '.1f')} |")
     exports = [r for r in rows if r["variant"].startswith("export_")]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark tables of BENCHMARKS.md, one section per argument (each fits one 10-minute
 # device call on 4 H200s). Results land in ${OUT:-/tmp/embdim_gpu}/<section>/ (bench_gpu.md,
-# results.jsonl, log). Usage: bash bench/gpu_suite.sh tw|rw|scale|parquet|compact10m|bf16comm ...
+# results.jsonl, log). Usage: bash bench/gpu_suite.sh SECTION ..., SECTION one of tw rw scale parquet
+# compact10m bf16comm criteo1tb_1gpu phases_1gpu rw_multihot_1gpu.
 # RANKS / RANKS_RW override the rank counts of tw and bf16comm / rw (e.g. RANKS=1,2,4,8 on an 8-GPU machine),
 # BATCHES the batch sizes of parquet, LOADER_WORKERS its loader processes per rank (default 6).
 set -uo pipefail
@@ -35,7 +36,24 @@ for section in "$@"; do
     # Weak scaling with the embedding all-to-all in bf16 (sharding.comm_precision), against fp32 above.
     bf16comm) args=(--ranks ${RANKS:-1,2,4} --shardings table_wise --rows-per-table 1000000 --batch-sizes 65536,131072
                     --variants plain,full --warmup 3 --steps 15 --set sharding.comm_precision=bf16) ;;
-    *) echo "unknown section $section (tw, rw, scale, parquet, compact10m, bf16comm)" >&2; exit 2 ;;
+    # One GPU, Criteo-1TB's 26 tables uncapped (178M rows; 85 GiB at D = 128 in fp32): the compact
+    # model of a 1/8 plan (fixed, pad) over all the rows, against plain TorchRec capped to the same
+    # table memory (3,951,199 rows per table = 1/8 of the rows); the same plan with fp16 tables
+    # against plain capped to 1/16 (1,726,896 rows per table), and plain over all the rows last
+    # (it fits an H200, not an H100).
+    criteo1tb_1gpu) args=(--ranks 1 --shardings table_wise --cardinalities criteo-1tb --budget 0.125
+                          --batch-sizes ${BATCHES:-65536,131072} --warmup 3 --steps 15 --skeleton-rows 200000
+                          --variants plain_cap3951199,compact_fixed,compact_fixed_project,plain_cap1726896,compact_fixed_fp16,plain_cap3951199_fp16,plain) ;;
+    # One GPU, 26 x 1M rows: every search phase and the compact models in both layouts (the same
+    # plans) beside plain TorchRec, the full step and the EBC alone, fp32 and fp16 tables.
+    phases_1gpu) args=(--ranks 1 --shardings table_wise --rows-per-table 1000000 --batch-sizes 65536,131072
+                       --warmup 3 --steps 15
+                       --variants plain,full,full_fp16,search_optembed,search_mlet,search_amtl,search_pme,compact_pme,compact_pme_project,compact_fixed,compact_fixed_project,compact_fixed_fp16,ebc,ebc_compact_fixed,ebc_compact_fixed_project,ebc_compact_pme,ebc_compact_pme_project) ;;
+    # One GPU, row-wise sharding and 4 multi-hot fields (bags of 8 ids on average).
+    rw_multihot_1gpu) args=(--ranks 1 --shardings row_wise --rows-per-table 1000000 --batch-sizes 65536
+                            --warmup 3 --steps 15 --multi-hot-fields 4 --multi-hot-mean 8
+                            --variants plain,full,search_optembed,search_pme,compact_pme,compact_fixed,compact_fixed_project) ;;
+    *) echo "unknown section $section (see the usage line)" >&2; exit 2 ;;
   esac
   python -m bench.bench_gpu "${args[@]}" "${common[@]}" --out "$out/$section" > "$out/$section/log" 2>&1
   echo "== $section: exit $?"

@@ -329,7 +329,8 @@ class _PadLayout:
     ``index_copy_`` when no two columns share a destination (one group per field), ``index_add_``
     when a field sums several groups; both are one kernel forward and one ``index_select``
     backward. ``passthrough`` when the input already is the output (every field one D-wide slot,
-    in output order).
+    in output order); ``uniform_width`` (w) when every field is one w-wide slot in output order:
+    then the padding is one strided copy into a ``[B, F, D]`` view, no index at all.
     """
 
     def __init__(self, destinations: list[int], num_fields: int, dim: int) -> None:
@@ -337,6 +338,9 @@ class _PadLayout:
         self.num_fields, self.dim = num_fields, dim
         self.accumulate = len(set(destinations)) != len(destinations)
         self.passthrough = destinations == list(range(num_fields * dim))
+        width, rest = divmod(len(destinations), num_fields)
+        self.uniform_width = width if not rest and 0 < width and destinations == [
+            (c // width) * dim + c % width for c in range(len(destinations))] else 0
         self._on: dict[torch.device, torch.Tensor] = {}
 
     def index(self, device: torch.device) -> torch.Tensor:
@@ -348,7 +352,12 @@ class _PadLayout:
     def apply(self, values: torch.Tensor) -> torch.Tensor:
         if self.passthrough:
             return values
-        out = values.new_zeros(values.shape[0], self.num_fields * self.dim)
+        batch = values.shape[0]
+        if self.uniform_width:
+            out = values.new_zeros(batch, self.num_fields, self.dim)
+            out[:, :, :self.uniform_width] = values.view(batch, self.num_fields, self.uniform_width)
+            return out.view(batch, self.num_fields * self.dim)
+        out = values.new_zeros(batch, self.num_fields * self.dim)
         index = self.index(values.device)
         return out.index_add_(1, index, values) if self.accumulate else out.index_copy_(1, index, values)
 

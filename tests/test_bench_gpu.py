@@ -56,7 +56,7 @@ def test_render_compares_with_plain_of_the_same_setting():
     text = render(rows)
     assert "| full |" in text and "| 1.30 |" in text  # 13 ms against plain's 10 ms
     amtl = next(line for line in text.splitlines() if "search_amtl" in line)
-    assert amtl.split("|")[8].strip() == ""  # no plain row at batch 16: no ratio rather than a wrong one
+    assert amtl.split("|")[9].strip() == ""  # no plain row at batch 16: no ratio rather than a wrong one
     assert "OOM: out of memory" in text
 
 
@@ -67,3 +67,31 @@ def test_reference_widths_are_checked_before_anything_runs(capsys):
         main(["--variants", "plain,plain_d30", "--out", "/nonexistent/never_written"])
     err = capsys.readouterr().err
     assert "plain_d30" in err and "multiple of 4" in err
+
+
+def test_capped_plain_layouts_fp16_and_multi_hot(tmp_path):
+    """The one-GPU comparisons: plain TorchRec capped to a compact model's table memory (ids
+    folded), the same compact plan in both layouts, fp16 tables, and multi-hot bags."""
+    out = tmp_path / "bench"
+    variants = ["plain", "plain_cap100", "compact_fixed", "compact_fixed_project", "compact_fixed_fp16",
+                "plain_cap100_fp16", "ebc_compact_fixed_pad", "ebc_compact_fixed_project"]
+    code = main(["--ranks", "1", "--rows-per-table", "600", "--dim", "32", "--batch-sizes", "96",
+                 "--variants", ",".join(variants), "--warmup", "1", "--steps", "2", "--skeleton-rows", "3000",
+                 "--budget", "0.125", "--multi-hot-fields", "3", "--multi-hot-mean", "4", "--out", str(out)])
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert code == 0, [r for r in rows if "error" in r]
+    timed = {r["variant"]: r for r in rows if "step_ms" in r}
+    assert set(timed) == set(variants)
+    plain, capped = timed["plain"], timed["plain_cap100"]
+    assert capped["fraction"] == 100 / 600 and capped["table_gib"] * 6 == plain["table_gib"]
+    # Ids folded into the capped tables: the same lookups, so the same bytes per step.
+    assert abs(capped["emb_gbps"] * capped["step_ms"] - plain["emb_gbps"] * plain["step_ms"]) < 1e-6 * (
+        plain["emb_gbps"] * plain["step_ms"])
+    pad, project, half = timed["compact_fixed"], timed["compact_fixed_project"], timed["compact_fixed_fp16"]
+    # pad (the default) and project are the same tables; project also stores the projections.
+    assert pad["table_gib"] == project["table_gib"] and pad["fraction"] == 0.125 < project["fraction"]
+    assert half["table_gib"] * 2 == pad["table_gib"] and half["table_dtype"] == "fp16"
+    assert timed["plain_cap100_fp16"]["table_gib"] * 2 == capped["table_gib"]
+    assert timed["ebc_compact_fixed_pad"]["fraction"] == pad["fraction"]
+    # Multi-hot bags: more ids than rows in the batch, so more bytes than single-hot 26 x 96 lookups.
+    assert plain["emb_gbps"] * plain["step_ms"] / 1e3 * 1e9 / 3 > 26 * 96 * 32 * 4

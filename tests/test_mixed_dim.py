@@ -462,3 +462,39 @@ def _sharded_body(rank: int, world_size: int, plan_dir: str) -> None:
 def test_sharded_equals_unsharded_and_pipelines(tmp_path, layout: str) -> None:
     save_plan(toy_plan(layout), tmp_path)
     run_multiprocess(_sharded_body, world_size=2, plan_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("case", ["uniform", "uniform_shuffled", "split", "identity"])
+def test_pad_layout_equals_zero_padding(case: str) -> None:
+    """The pad step (strided copy for one w-wide slot per field in order, index_copy_ /
+    index_add_ otherwise, nothing at all for D-wide fields in order) computes, forward and
+    backward, each field's slots padded with zeros to D and summed."""
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    torch.manual_seed(0)
+    if case.startswith("uniform"):
+        plan = SizePlan("x", D, [FieldPlan(n, 9, [GroupPlan(4)]) for n in "pqr"], layout="pad")
+    elif case == "identity":
+        plan = SizePlan("x", D, [FieldPlan(n, 9, [GroupPlan(D)]) for n in "pqr"], layout="pad")
+    else:
+        plan = toy_plan("pad")
+    module = build_retrain_module(plan, device="cpu")
+    widths = {c.feature_names[0]: c.embedding_dim for c in module.inner_configs()}
+    keys = list(widths)
+    if case.endswith("shuffled"):
+        keys = keys[::-1]
+    values = torch.randn(5, sum(widths[k] for k in keys), dtype=torch.float64, requires_grad=True)
+    got = module.project_pooled(KeyedTensor(keys=keys, length_per_key=[widths[k] for k in keys], values=values))
+    pooled = dict(zip(keys, values.split([widths[k] for k in keys], dim=1)))
+    want = torch.cat([sum((torch.nn.functional.pad(pooled[feature], (0, D - widths[feature]))
+                           for feature in features), torch.zeros(5, D, dtype=torch.float64))
+                      for features in [[module._inner_features[s] for s in slots] for slots in module._output_slots]],
+                     dim=1)
+    torch.testing.assert_close(got.values(), want)
+    coef = torch.randn_like(want)
+    (grad_got,) = torch.autograd.grad((got.values() * coef).sum(), values)
+    (grad_want,) = torch.autograd.grad((want * coef).sum(), values)
+    torch.testing.assert_close(grad_got, grad_want)
+    ((_, pad),) = module._layouts.values()
+    assert pad.passthrough == (case == "identity")
+    assert bool(pad.uniform_width) == (case in ("uniform", "identity")) and pad.accumulate == (case == "split")
