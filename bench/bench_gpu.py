@@ -31,6 +31,9 @@ batch size on in-memory batches (the same batches for every variant):
   the same plan (same tables and ids) in the named layout, so pad and project are timed on
   identical tables; without the suffix the method's own layout (``search.layout``).
 
+A ``_notriton`` suffix runs a variant with embdim's Triton kernels off (``EMBDIM_TRITON=0``:
+the torch formulas they replace), to time both in one run.
+
 Any variant but the ``search_*`` ones takes a ``_fp16`` suffix: its tables store fp16 weights
 (``model.table_dtype = "fp16"``; for ``plain*``, TorchRec's ``DataType.FP16``).
 
@@ -63,6 +66,7 @@ import datetime
 import gc
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -181,7 +185,8 @@ def to_batch(features: dict[str, tuple[np.ndarray, np.ndarray]], dense: np.ndarr
 
 # ---------------------------------------------------------------------------- models
 def split_variant(variant: str) -> tuple[str, bool]:
-    """``(variant without its _fp16 suffix, whether it has one)``."""
+    """``(variant without its _notriton and _fp16 suffixes, whether it has _fp16)``."""
+    variant = variant.removesuffix("_notriton")
     return (variant[:-5], True) if variant.endswith("_fp16") else (variant, False)
 
 
@@ -545,6 +550,7 @@ def worker(args: argparse.Namespace) -> None:
                                       "dim": width, "copy_gbps": bandwidth, "date": datetime.date.today().isoformat(),
                                       "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
                                       else "cpu"}
+            os.environ["EMBDIM_TRITON"] = "0" if variant.endswith("_notriton") else "1"
             try:
                 t0 = time.perf_counter()
                 built = build_variant(variant, config, data, run_dir, env, state)

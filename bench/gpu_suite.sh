@@ -2,7 +2,7 @@
 # The GPU benchmark tables of BENCHMARKS.md, one section per argument (each fits one 10-minute
 # device call on 4 H200s). Results land in ${OUT:-/tmp/embdim_gpu}/<section>/ (bench_gpu.md,
 # results.jsonl, log). Usage: bash bench/gpu_suite.sh SECTION ..., SECTION one of tw rw scale parquet
-# compact10m bf16comm criteo1tb_1gpu phases_1gpu rw_multihot_1gpu.
+# compact10m bf16comm criteo1tb_1gpu phases_1gpu rw_multihot_1gpu kernels.
 # RANKS / RANKS_RW override the rank counts of tw and bf16comm / rw (e.g. RANKS=1,2,4,8 on an 8-GPU machine),
 # BATCHES the batch sizes of parquet, LOADER_WORKERS its loader processes per rank (default 6).
 set -uo pipefail
@@ -48,11 +48,14 @@ for section in "$@"; do
     # plans) beside plain TorchRec, the full step and the EBC alone, fp32 and fp16 tables.
     phases_1gpu) args=(--ranks 1 --shardings table_wise --rows-per-table 1000000 --batch-sizes 65536,131072
                        --warmup 3 --steps 15
-                       --variants plain,full,full_fp16,search_optembed,search_mlet,search_amtl,search_pme,compact_pme,compact_pme_project,compact_fixed,compact_fixed_project,compact_fixed_fp16,ebc,ebc_compact_fixed,ebc_compact_fixed_project,ebc_compact_pme,ebc_compact_pme_project) ;;
+                       --variants plain,full,full_fp16,search_optembed,search_optembed_notriton,search_mlet,search_amtl,search_pme,compact_pme,compact_pme_project,compact_fixed,compact_fixed_project,compact_fixed_fp16,ebc,ebc_compact_fixed,ebc_compact_fixed_project,ebc_compact_pme,ebc_compact_pme_project) ;;
     # One GPU, row-wise sharding and 4 multi-hot fields (bags of 8 ids on average).
     rw_multihot_1gpu) args=(--ranks 1 --shardings row_wise --rows-per-table 1000000 --batch-sizes 65536
                             --warmup 3 --steps 15 --multi-hot-fields 4 --multi-hot-mean 8
                             --variants plain,full,search_optembed,search_pme,compact_pme,compact_fixed,compact_fixed_project) ;;
+    # The Triton kernels against the torch formulas they replace, on this GPU (pytest).
+    kernels) python -m pytest -q -rs tests/test_fused_kernels.py > "$out/$section/log" 2>&1; echo "== $section: exit $?"
+             tail -3 "$out/$section/log"; continue ;;
     *) echo "unknown section $section (see the usage line)" >&2; exit 2 ;;
   esac
   python -m bench.bench_gpu "${args[@]}" "${common[@]}" --out "$out/$section" > "$out/$section/log" 2>&1

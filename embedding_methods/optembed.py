@@ -51,6 +51,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from embdim.embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext, full_width_params
+from embdim.embedding_methods.fused_kernels import row_and_width_mask, triton_enabled
 from embdim.embedding_methods.plan import FieldPlan, GroupPlan, SizePlan
 
 logger = logging.getLogger(__name__)
@@ -268,7 +269,8 @@ class OptEmbedSupernet(nn.Module):
         if self.training and self.apply_row_mask:
             # The search's training step: the row mask below and the width mask in one autograd
             # node (_RowAndWidthMask, the same values and gradients).
-            x = _RowAndWidthMask.apply(x, self.thresholds[index], prune_rows[index], width, self.norm)
+            mask = row_and_width_mask if triton_enabled(x) else _RowAndWidthMask.apply
+            x = mask(x, self.thresholds[index], prune_rows[index], width, self.norm)
         else:
             if self.apply_row_mask:
                 # Row (feature) mask m_f = BinaryStep(||e||_p - t_f), computed on the full-width
