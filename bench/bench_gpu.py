@@ -250,13 +250,14 @@ def build_plain(config: Any, manifest: Any, env: Any, embedding_only: bool = Fal
     from torchrec.distributed.planner.types import ParameterConstraints
     from torchrec.distributed.types import ShardingEnv
     from torchrec.models.dlrm import DLRM, DLRMTrain
-    from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
     from embdim.sharding.planner import device_memory, get_sharders, sparse_optimizer
+    from embdim.trainer.model import table_data_type
 
     d = config.model.embedding_dim
-    data_type = DataType.FP16 if config.model.table_dtype == "fp16" else DataType.FP32
+    data_type = table_data_type(config.model.table_dtype)
     tables = [EmbeddingBagConfig(name=f"t_{f.name}", embedding_dim=d, feature_names=[f.name], data_type=data_type,
                                  num_embeddings=min(f.num_embeddings, cap) if cap else f.num_embeddings)
               for f in manifest.sparse]
@@ -334,10 +335,10 @@ def build_variant(variant: str, config: Any, data: Path, run_dir: Path, env: Any
     from embdim.trainer.loop import Trainer
     from embdim.trainer.phases import TrainerSearchContext, build_method
 
-    from embdim.trainer.model import build_tables
+    from embdim.trainer.model import build_tables, table_data_type
 
     manifest = load_manifest(data)
-    full_tables = build_tables(manifest, config.model.embedding_dim)
+    full_tables = build_tables(manifest, config.model.embedding_dim, table_data_type(config.model.table_dtype))
     variant = split_variant(variant)[0]  # the _fp16 suffix is in the config already
     if cap := plain_cap(variant):
         model, optimizer, tables = build_plain(config, manifest, env, cap=cap)
@@ -389,8 +390,9 @@ def build_variant(variant: str, config: Any, data: Path, run_dir: Path, env: Any
 def compact_module(plan: Any, config: Any) -> Any:
     """The retrain module of ``plan`` on ``meta``, with the run's table precision."""
     from embdim.embedding_methods.mixed_dim import build_retrain_module
+    from embdim.trainer.model import table_data_type
 
-    return build_retrain_module(plan, device="meta", table_dtype=config.model.table_dtype)
+    return build_retrain_module(plan, device="meta", data_type=table_data_type(config.model.table_dtype))
 
 
 def compact_method(name: str) -> tuple[str, str | None]:

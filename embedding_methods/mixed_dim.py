@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.fx
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -597,13 +597,15 @@ def _project_pooled(module: _ProjectedEmbeddingBagCollection, pooled: KeyedTenso
 torch.fx.wrap("_project_pooled")
 
 
-def build_retrain_module(plan: SizePlan, *, device: torch.device | str = "meta") -> MixedDimEmbeddingBagCollection:
+def build_retrain_module(plan: SizePlan, *, device: torch.device | str = "meta",
+                         data_type: DataType = DataType.FP32) -> MixedDimEmbeddingBagCollection:
     """The compact retrain module of a plan: one table ``t_<feature>`` per width group, padded or
     projected to D as ``plan.layout`` says.
 
     Group ``k`` of field ``f`` is the table of KJT feature ``f`` (single group) or ``f@g<k>`` with
     one row per kept id, in the order ``IdRemapper`` numbers them. Tables are created on ``meta``
-    by default, for ``DistributedModelParallel`` to materialise shard by shard.
+    by default, for ``DistributedModelParallel`` to materialise shard by shard, and stored as
+    ``data_type`` (``DataType.FP16``: half-precision tables; projections stay fp32).
     """
     plan.validate("build_retrain_module plan")
     tables: list[EmbeddingBagConfig] = []
@@ -615,6 +617,7 @@ def build_retrain_module(plan: SizePlan, *, device: torch.device | str = "meta")
             tables.append(EmbeddingBagConfig(
                 name=table_name_for_feature(feature), embedding_dim=int(g.width),
                 num_embeddings=g.num_rows(f.num_embeddings), feature_names=[feature], pooling=PoolingType.SUM,
+                data_type=data_type,
             ))
             features.append(feature)
         output_features[f.name] = features

@@ -43,6 +43,7 @@ from embdim.trainer.io import atomic_save_npy, atomic_write_json
 SCHEMA_VERSION = 1
 PLAN_FILE = "plan.json"
 BYTES_PER_PARAM = 4  # float32 tables and projections
+TABLE_DTYPE_BYTES = {"fp32": 4, "fp16": 2}  # model.table_dtype -> bytes per table entry (projections stay fp32)
 LAYOUTS = ("pad", "project")
 """How a group narrower than D reaches D: zero padding (no parameters) or a learned projection."""
 DEFAULT_LAYOUT = "pad"
@@ -457,20 +458,32 @@ def _fmt_bytes(num_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-def summarize_plan(plan: SizePlan, *, bar_width: int = 40) -> str:
-    """Human-readable summary: parameters and float32 bytes vs full width, widths histogram, fields."""
+def summarize_plan(plan: SizePlan, *, bar_width: int = 40, table_dtype: str = "fp32") -> str:
+    """Human-readable summary: parameters and bytes vs full width, widths histogram, fields.
+
+    Bytes count the tables at ``table_dtype`` (``model.table_dtype`` of the retrain: "fp32" or
+    "fp16") and projections at float32; the budget and the fraction stay in parameters."""
+    if table_dtype not in TABLE_DTYPE_BYTES:
+        raise ValueError(f"table_dtype: unknown {table_dtype!r}; choose from {list(TABLE_DTYPE_BYTES)}")
     D = plan.embedding_dim
     full = plan.full_params()
     tables, proj = plan.num_table_params(), plan.num_projection_params()
     total = tables + proj
+    entry = TABLE_DTYPE_BYTES[table_dtype]
+    if table_dtype == "fp32":
+        size = f"{_fmt_bytes(total * BYTES_PER_PARAM)} float32"
+        full_size = f"{_fmt_bytes(full * BYTES_PER_PARAM)} float32"
+    else:
+        size = f"{_fmt_bytes(tables * entry + proj * BYTES_PER_PARAM)}: {table_dtype} tables, float32 projections"
+        full_size = f"{_fmt_bytes(full * entry)} {table_dtype}"
     num_ids = sum(f.num_embeddings for f in plan.fields)
     kept = sum(f.num_rows for f in plan.fields)
     lines = [
         f"method: {plan.method}    embedding_dim D={D}    fields: {len(plan.fields)}    layout: {plan.layout}",
         f"ids kept: {kept:,} of {num_ids:,} ({kept / max(num_ids, 1):.1%}); pruned: {num_ids - kept:,}",
         f"parameters: {total:,} = tables {tables:,} + projections {proj:,} ({plan.projection_share():.1%} in "
-        f"projections)   ({_fmt_bytes(total * BYTES_PER_PARAM)} float32)",
-        f"full width: {full:,} ({_fmt_bytes(full * BYTES_PER_PARAM)} float32)",
+        f"projections)   ({size})",
+        f"full width: {full:,} ({full_size})",
         "achieved fraction: {:.4f}{}".format(
             plan.achieved_fraction(), "" if plan.budget is None else f"    budget: {plan.budget:.4f}"),
     ]

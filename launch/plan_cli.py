@@ -1,9 +1,10 @@
 """``embdim plan ...``: inspect size plans.
 
 ``register(subparsers)`` adds the ``plan`` command; ``embdim plan show PLAN`` prints the plan's
-parameters and float32 bytes against the full-width model, the achieved fraction, a histogram of
-widths weighted by ids, and each field's widths. Errors are raised (``PlanError``, a
-``ValueError`` naming the file and field) for launch/main.py to turn into a message.
+parameters and bytes (float32, or fp16 tables with ``--table-dtype fp16``) against the full-width
+model, the achieved fraction, a histogram of widths weighted by ids, and each field's widths.
+Errors are raised (``PlanError``, a ``ValueError`` naming the file and field) for launch/main.py
+to turn into a message.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ def _show(args: argparse.Namespace) -> int:
     path = plan_file(args.plan)
     plan = load_plan(path)
     print(f"plan: {path}")
-    print(summarize_plan(plan))
+    print(summarize_plan(plan, table_dtype=args.table_dtype))
     return 0
 
 
@@ -37,4 +38,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = plan.add_subparsers(dest="plan_command", metavar="{show}")
     p = sub.add_parser("show", help="parameters, bytes, achieved fraction and widths of a plan")
     p.add_argument("plan", metavar="PLAN", help="plan.json, or a run folder holding one")
+    p.add_argument("--table-dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="count table bytes at this precision (the retrain's model.table_dtype); default fp32")
     p.set_defaults(func=_show)

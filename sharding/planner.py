@@ -28,6 +28,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan, ShardingType
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig, DataType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -94,10 +95,10 @@ def embedding_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))]
 
 
-def _table_names(module: nn.Module) -> list[str]:
+def _table_configs(module: nn.Module) -> list[BaseEmbeddingConfig]:
     if isinstance(module, EmbeddingBagCollection):
-        return [c.name for c in module.embedding_bag_configs()]
-    return [c.name for c in module.embedding_configs()]
+        return module.embedding_bag_configs()
+    return module.embedding_configs()
 
 
 def build_constraints(model: nn.Module, config: ShardingConfig, device_type: str) -> dict[str, ParameterConstraints]:
@@ -125,7 +126,17 @@ def build_constraints(model: nn.Module, config: ShardingConfig, device_type: str
             restricted.update(module.sharding_constraints())
     constraints = {}
     for _, module in embedding_modules(model):
-        for name in _table_names(module):
+        for table in _table_configs(module):
+            name = table.name
+            if config.sharding_type == ShardingType.DATA_PARALLEL.value and table.data_type != DataType.FP32:
+                # Replicated tables are plain parameters stepped by torch.optim, whose state takes
+                # the parameter's dtype: fp16 Adagrad adds eps=1e-8, which rounds to 0 in fp16, to
+                # sqrt(0) for every row without gradient and writes 0/0 = NaN into those rows.
+                dtype = table.data_type.value.lower()
+                raise ConfigError(f"model.table_dtype: table {name!r} is {dtype}, which needs a model-parallel "
+                                  f"sharding type (the fused TBE keeps optimizer state in fp32), not "
+                                  f"sharding.sharding_type='data_parallel' (torch.optim would step the replicated "
+                                  f"tables in {dtype})")
             if name in constraints:
                 raise ValueError(f"embedding table name {name!r} is used twice in the model; table names must be unique")
             types = sharding_types

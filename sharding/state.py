@@ -112,8 +112,9 @@ def gather_table(model: nn.Module, table_name: str) -> torch.Tensor:
     if is_replicated(model, table_name):
         return shards[0][2].detach().clone()
     device = shards[0][2].device if shards else _collective_device()
-    dtype = shards[0][2].dtype if shards else torch.float32
-    full = torch.zeros(rows, cols, device=device, dtype=dtype)
+    # The global dtype, which every rank knows (a rank without shards of a table-wise fp16 table
+    # must not all-reduce fp32: gloo aborts on mismatched dtypes).
+    full = torch.zeros(rows, cols, device=device, dtype=_table_tensor(model, table_name).dtype)
     for row, col, block in shards:
         # RW can pad the last shard past num_embeddings; keep only real rows.
         n = max(0, min(block.shape[0], rows - row))

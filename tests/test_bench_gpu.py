@@ -70,6 +70,8 @@ def test_reference_widths_are_checked_before_anything_runs(capsys):
 
 
 def test_capped_plain_layouts_fp16_and_multi_hot(tmp_path):
+    import pytest
+
     """The one-GPU comparisons: plain TorchRec capped to a compact model's table memory (ids
     folded), the same compact plan in both layouts, fp16 tables, and multi-hot bags."""
     out = tmp_path / "bench"
@@ -83,7 +85,11 @@ def test_capped_plain_layouts_fp16_and_multi_hot(tmp_path):
     timed = {r["variant"]: r for r in rows if "step_ms" in r}
     assert set(timed) == set(variants)
     plain, capped = timed["plain"], timed["plain_cap100"]
-    assert capped["fraction"] == 100 / 600 and capped["table_gib"] * 6 == plain["table_gib"]
+    from embdim.trainer.data.manifest import load_manifest
+
+    cards = [f.num_embeddings for f in load_manifest(out / "data").sparse]
+    assert capped["fraction"] == sum(min(c, 100) for c in cards) / sum(cards) < 0.2
+    assert capped["table_gib"] / plain["table_gib"] == pytest.approx(capped["fraction"])
     # Ids folded into the capped tables: the same lookups, so the same bytes per step.
     assert abs(capped["emb_gbps"] * capped["step_ms"] - plain["emb_gbps"] * plain["step_ms"]) < 1e-6 * (
         plain["emb_gbps"] * plain["step_ms"])

@@ -83,6 +83,15 @@ def test_overrides_types(tmp_path):
     assert config.sharding.sharding_type == "row_wise"
 
 
+def test_table_dtype():
+    assert load_config().model.table_dtype == "fp32"
+    assert load_config(overrides=["model.table_dtype=fp16"]).model.table_dtype == "fp16"
+    with pytest.raises(ConfigError, match=r"model.table_dtype: unknown 'half'; choose from \['fp32', 'fp16'\]"):
+        load_config(overrides=["model.table_dtype=half"])
+    with pytest.raises(ConfigError, match="model.table_dtype must be a string"):
+        load_config(overrides=["model.table_dtype=16"])
+
+
 def test_unknown_key_names_file_and_key(tmp_path):
     path = write(tmp_path, "[train]\nepochz = 3\n")
     with pytest.raises(ConfigError) as e:
@@ -129,6 +138,8 @@ def test_wrong_type_in_file_names_file(tmp_path):
     (["model.dense_arch_layer_sizes=[64, 8]"], "model.dense_arch_layer_sizes"),  # last != embedding_dim
     (["model.over_arch_layer_sizes=[8, 2]"], "model.over_arch_layer_sizes"),     # last != 1
     (["model.interaction=attention"], "model.interaction"),
+    (["model.table_dtype=bf16"], "model.table_dtype"),
+    (["model.table_dtype=float16"], "model.table_dtype"),
     (["optim.sparse_optimizer=lamb"], "optim.sparse_optimizer"),
     (["optim.dense_lr=0"], "optim.sparse_lr"),
     (["data.batch_size=0"], "data.batch_size"),

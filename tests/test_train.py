@@ -38,8 +38,6 @@ def _config(*overrides: str):
 
 # ---------------------------------------------------------------------------- planner and state
 def _sharding_body(rank: int, world_size: int, data: str) -> None:
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
     from embdim.sharding.planner import plan_summary, shard_model, table_placement
     from embdim.sharding.state import all_reduce_sum, gather_table, local_shards, table_shape, write_rows
     from embdim.trainer.config import ConfigError
@@ -75,20 +73,29 @@ def _sharding_body(rank: int, world_size: int, data: str) -> None:
             assert torch.equal(gather_table(dmp, table), reference), (sharding_type, table)
             references[name] = reference
         # The sharded lookups see the written values: pooled sums equal the unsharded computation.
-        generator = torch.Generator().manual_seed(rank)
-        lengths = torch.randint(0, 3, (len(FIELDS) * 5,), generator=generator)
-        values = torch.cat([torch.randint(0, rows, (int(n),), generator=generator)
-                            for (_, rows, _), n in zip([f for f in FIELDS for _ in range(5)], lengths)])
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=[n for n, _, _ in FIELDS], values=values, lengths=lengths)
-        pooled = dmp.module.sparse_module(kjt).to_dict()
-        for name, jt in kjt.to_dict().items():
-            expected = torch.stack([references[name][ids].sum(0) for ids in jt.to_dense()])
-            torch.testing.assert_close(pooled[name], expected, rtol=0, atol=1e-3)
+        assert_pooled_sums(dmp, references, seed=rank, atol=1e-3)
 
     # FBGEMM's CPU kernel has no fused Adam: the error names the key up front.
     config = _config("optim.sparse_optimizer=adam")
     with pytest.raises(ConfigError, match="optim.sparse_optimizer"):
         shard_model(build_model(config.model, manifest, device=env.device), env, config)
+
+
+def assert_pooled_sums(dmp: nn.Module, references: dict[str, torch.Tensor], *, seed: int, atol: float) -> None:
+    """Pools 5 random bags (0-2 ids) per field through the sharded sparse module and compares each
+    with the sum of the reference rows (in the references' dtype); the pooled output is fp32."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 3, (len(FIELDS) * 5,), generator=generator)
+    values = torch.cat([torch.randint(0, rows, (int(n),), generator=generator)
+                        for (_, rows, _), n in zip([f for f in FIELDS for _ in range(5)], lengths)])
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=[n for n, _, _ in FIELDS], values=values, lengths=lengths)
+    pooled = dmp.module.sparse_module(kjt).to_dict()
+    for name, jt in kjt.to_dict().items():
+        expected = torch.stack([references[name][ids].sum(0) for ids in jt.to_dense()])
+        assert pooled[name].dtype == torch.float32, (name, pooled[name].dtype)
+        torch.testing.assert_close(pooled[name].to(expected.dtype), expected, rtol=0, atol=atol)
 
 
 def test_sharding_plan_and_state_helpers(tiny):

@@ -31,6 +31,7 @@ class ConfigError(ValueError):
 SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "adam", "sgd")
 DENSE_OPTIMIZERS = ("adagrad", "adam", "sgd")
 INTERACTIONS = ("dot", "dcn")
+TABLE_DTYPES = ("fp32", "fp16")
 SHARDING_TYPES = ("auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 
 
@@ -72,6 +73,14 @@ class ModelConfig:
     """Cross layers of the DCN interaction."""
     dcn_low_rank_dim: int = 32
     """Low-rank width of each DCN cross layer."""
+    table_dtype: str = "fp32"
+    """Storage precision of the embedding tables: "fp32", or "fp16" (TorchRec's
+    ``EmbeddingBagConfig.data_type``: FBGEMM's TBE stores half-precision weights, half the bytes,
+    pools them in fp32 and rounds each updated row back to fp16: to nearest on CPU, stochastically
+    on CUDA). Applies to the full-width tables of ``train`` and the compact tables of ``retrain``;
+    search modules keep fp32 tables. The fused optimizer's state, projections and MLPs stay fp32,
+    budgets stay in parameters. Needs a model-parallel ``sharding.sharding_type`` (not
+    "data_parallel", whose replicated tables torch.optim would step in fp16)."""
 
     def __post_init__(self) -> None:
         _check(self.embedding_dim > 0 and self.embedding_dim % 4 == 0, "model.embedding_dim",
@@ -85,6 +94,8 @@ class ModelConfig:
                f"unknown {self.interaction!r}; choose from {list(INTERACTIONS)}")
         _check(self.dcn_num_layers > 0 and self.dcn_low_rank_dim > 0, "model.dcn_num_layers",
                "dcn_num_layers and dcn_low_rank_dim must be positive")
+        _check(self.table_dtype in TABLE_DTYPES, "model.table_dtype",
+               f"unknown {self.table_dtype!r}; choose from {list(TABLE_DTYPES)}")
 
 
 @dataclass

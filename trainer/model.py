@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -23,14 +24,28 @@ import torch.fx
 from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, data_type_to_dtype
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig, DataType, EmbeddingBagConfig, data_type_to_dtype
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from embdim.trainer.config import ModelConfig
+from embdim.trainer.config import ConfigError, ModelConfig
 from embdim.trainer.data.manifest import Manifest
 
 SparseModuleFactory = Callable[[list[EmbeddingBagConfig]], nn.Module]
 AuxLossFn = Callable[[nn.Module], "torch.Tensor | None"]
+
+logger = logging.getLogger(__name__)
+
+# ``model.table_dtype`` -> TorchRec's table data type. The sharders turn it into the TBE's
+# ``weights_precision`` (torchrec ``data_type_to_sparse_type``), so a sharded fp16 table stores
+# 2-byte weights on every rank; the pooled output and the fused optimizer's state stay fp32.
+TABLE_DATA_TYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
+
+
+def table_data_type(table_dtype: str) -> DataType:
+    """TorchRec ``DataType`` of a ``model.table_dtype`` setting ("fp32" or "fp16")."""
+    if table_dtype not in TABLE_DATA_TYPES:
+        raise ConfigError(f"model.table_dtype: unknown {table_dtype!r}; choose from {list(TABLE_DATA_TYPES)}")
+    return TABLE_DATA_TYPES[table_dtype]
 
 
 def table_name(field_name: str) -> str:
@@ -38,14 +53,17 @@ def table_name(field_name: str) -> str:
     return f"t_{field_name}"
 
 
-def build_tables(manifest: Manifest, embedding_dim: int) -> list[EmbeddingBagConfig]:
-    """One full-width ``EmbeddingBagConfig`` per sparse field of the dataset, in manifest order."""
+def build_tables(manifest: Manifest, embedding_dim: int,
+                 data_type: DataType = DataType.FP32) -> list[EmbeddingBagConfig]:
+    """One full-width ``EmbeddingBagConfig`` per sparse field of the dataset, in manifest order,
+    stored as ``data_type`` (``table_data_type(config.model.table_dtype)``)."""
     return [
         EmbeddingBagConfig(
             name=table_name(f.name),
             embedding_dim=embedding_dim,
             num_embeddings=f.num_embeddings,
             feature_names=[f.name],
+            data_type=data_type,
         )
         for f in manifest.sparse
     ]
@@ -120,14 +138,17 @@ def build_model(
     """Builds the unsharded model: sparse module on ``meta``, dense arch on ``device``.
 
     Args:
-        config (ModelConfig): widths and interaction.
+        config (ModelConfig): widths, interaction and the tables' storage precision.
         manifest (Manifest): the dataset (sparse fields and their cardinalities, dense count).
         device (torch.device): where the dense arch lives (DMP moves the embeddings).
         sparse_module_factory (SparseModuleFactory | None): ``tables -> module`` standing in for
-            the ``EmbeddingBagCollection``; the tables are the full-width ones of the manifest.
+            the ``EmbeddingBagCollection``; the tables are the full-width ones of the manifest
+            (at ``config.table_dtype``). The module chooses its own tables' precision: one whose
+            tables differ from ``config.table_dtype`` (a search module) is logged.
         aux_loss_fn (AuxLossFn | None): see ``TrainModel``.
     """
-    tables = build_tables(manifest, config.embedding_dim)
+    data_type = table_data_type(config.table_dtype)
+    tables = build_tables(manifest, config.embedding_dim, data_type)
     if sparse_module_factory is None:
         sparse: nn.Module = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
     else:
@@ -138,6 +159,10 @@ def build_model(
         if widths != [config.embedding_dim]:
             raise ValueError(f"the sparse module reports widths {widths}; DLRM needs the uniform "
                              f"model.embedding_dim={config.embedding_dim}")
+        other = sorted({c.data_type.value.lower() for c in table_configs(sparse) if c.data_type != data_type})
+        if other:
+            logger.info("model.table_dtype=%s: %s keeps some tables in %s", config.table_dtype,
+                        type(sparse).__name__, other)
     common = dict(
         embedding_bag_collection=sparse,
         dense_in_features=dense_in_features(manifest),
@@ -152,20 +177,29 @@ def build_model(
     return TrainModel(dlrm, aux_loss_fn)
 
 
+def _collection_configs(module: nn.Module) -> list[BaseEmbeddingConfig]:
+    if isinstance(module, EmbeddingBagCollection):
+        return module.embedding_bag_configs()
+    if isinstance(module, EmbeddingCollection):
+        return module.embedding_configs()
+    return []
+
+
+def table_configs(model: nn.Module) -> list[BaseEmbeddingConfig]:
+    """The table configs of every ``EmbeddingBagCollection`` / ``EmbeddingCollection`` in an
+    unsharded model (the tables DMP shards)."""
+    return [c for module in model.modules() for c in _collection_configs(module)]
+
+
 def embedding_size(model: nn.Module) -> tuple[int, int]:
     """``(params, bytes)`` of the embeddings of an unsharded model: rows * width summed over the
     tables of every ``EmbeddingBagCollection`` / ``EmbeddingCollection`` in it (the collections
-    that DMP shards), plus what a stand-in sparse module reports through an optional
-    ``extra_embedding_params()`` (projections that belong to the embedding, at 4 bytes each)."""
+    that DMP shards), at each table's ``data_type`` (2 bytes for fp16, 4 for fp32), plus what a
+    stand-in sparse module reports through an optional ``extra_embedding_params()`` (projections
+    that belong to the embedding, fp32 dense parameters at 4 bytes each)."""
     params = num_bytes = 0
     for module in model.modules():
-        if isinstance(module, EmbeddingBagCollection):
-            configs = module.embedding_bag_configs()
-        elif isinstance(module, EmbeddingCollection):
-            configs = module.embedding_configs()
-        else:
-            configs = []
-        for c in configs:
+        for c in _collection_configs(module):
             n = c.num_embeddings * c.embedding_dim
             params += n
             num_bytes += n * data_type_to_dtype(c.data_type).itemsize

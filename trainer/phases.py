@@ -49,6 +49,7 @@ from embdim.trainer.data.manifest import Manifest, load_counts, load_manifest
 from embdim.trainer.distributed import DistEnv
 from embdim.trainer.io import atomic_path, atomic_write_json
 from embdim.trainer.loop import Trainer
+from embdim.trainer.model import table_data_type
 
 logger = logging.getLogger(__name__)
 
@@ -361,7 +362,8 @@ def run_retrain(config: RunConfig, dataset_dir: str | Path, plan_path: str | Pat
                           f"{plan.embedding_dim} ({plan_path}); set --set model.embedding_dim={plan.embedding_dim}")
     remapper = IdRemapper(plan, cache_dir=out_dir / "remap_cache")
     trainer = Trainer(config, dataset_dir, out_dir, env=env,
-                      sparse_module_factory=lambda _tables: build_retrain_module(plan, device="meta"),
+                      sparse_module_factory=lambda _tables: build_retrain_module(
+                          plan, device="meta", data_type=table_data_type(config.model.table_dtype)),
                       feature_transform=remapper, phase="retrain")
     init = resolve_init_checkpoint(plan, plan_path)
     from_plan = config.retrain.init == "plan" and init is not None
