@@ -1,25 +1,25 @@
 """AMTL: per-id embedding widths from twin mask networks fed with frequency features.
 
 Yan et al., "Learning Effective and Efficient Embedding via an Adaptively-Masked Twins-based Layer",
-CIKM 2021 (arXiv 2108.11513). No public code; ``shared/docs/methods.md`` section 3 collects what the
+CIKM 2021 (arXiv 2108.11513). No public code; ``docs/methods.md#amtl`` collects what the
 abstract and secondary sources establish and marks the rest as design. This file follows it:
 
 - Input per id: frequency features ``s_i`` from the train-split counts (``mask_aware.side_features``:
   log1p(count), count-rank fraction, normalised frequency), stored in a frozen per-id side table
-  that is sharded like any table (design-notes.md, "Per-id side data").
+  that is sharded like any table (docs/torchrec-notes.md#side-tables).
 - Twins, per field and not shared: ``h_i = alpha_i * MLP_h(s_i) + (1 - alpha_i) * MLP_l(s_i)`` with
   ``alpha_i = log1p(cnt_i) / log1p(max cnt of the field)`` (the paper's "normalized frequency"; the
   log form is our choice: with raw ``cnt / max_cnt`` nearly every id of a heavy-tailed field would
   train l-AML alone). Frequent ids mostly train h-AML, rare ones l-AML; ids never seen in training
   (count 0, alpha 0) use l-AML like any rare id.
 - Choice over K = D/4 widths {4, 8, ..., D} instead of the paper's D positions (FBGEMM TBE widths
-  must be multiples of 4, torchrec.md section 0.2): ``p_i = softmax(h_i / T)``, straight-through
+  must be multiples of 4, docs/torchrec-notes.md#table-widths): ``p_i = softmax(h_i / T)``, straight-through
   one-hot ``t_i`` (hard forward, soft backward), mask ``m_ij = sum_{k: width_k > j} t_ik`` (the
   cumulative sum from the right, expanded to dims), applied to each looked-up row before pooling
   (``mask_aware.MaskAwareEmbedding``).
 - Loss: task loss + ``lambda * F`` + ``budget_weight * relu(F - budget)``, where ``F`` is the
   expected parameter fraction ``sum_i E_p[width_i] / (N * D)`` over *every row of every table*.
-  The paper trains on the task loss alone (methods.md marks the width penalty as design). Because
+  The paper trains on the task loss alone (docs/methods.md#amtl marks the width penalty as design). Because
   an id's mask depends only on its count, F is computed exactly from the distinct counts of each
   field weighted by their multiplicities, not estimated from a batch (a batch over-represents
   frequent ids, whose rows are a small share of the parameters).

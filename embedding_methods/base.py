@@ -97,7 +97,7 @@ class EmbeddingMethod(ABC):
             raise ValueError(f"{self.name}: no sparse fields")
         if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim <= 0 \
                 or embedding_dim % 4:
-            # FBGEMM TBE: every sharded table width is a multiple of 4 (torchrec.md section 0.2).
+            # FBGEMM TBE: every sharded table width is a multiple of 4 (docs/torchrec-notes.md#table-widths).
             raise ValueError(f"{self.name}: embedding_dim must be a positive multiple of 4, got {embedding_dim!r}")
         layout = self.default_layout if layout is None else layout
         if layout not in LAYOUTS:

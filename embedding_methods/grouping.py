@@ -1,9 +1,9 @@
 """Per-id widths -> width groups of a ``SizePlan``, shared by the per-id methods (AMTL, PME).
 
 A per-id method ends with one width per raw id of a field (0 = pruned). The retrain module keeps
-one compact table per (field, width) group (methods.md section 2, "group-wise tables"; section 7),
+one compact table per (field, width) group (docs/methods.md#pme, group-wise tables),
 so the widths are bucketed into ``GroupPlan``s. Every table of a group is a TBE table, hence the
-widths are multiples of 4 (torchrec.md section 0.2).
+widths are multiples of 4 (docs/torchrec-notes.md#table-widths).
 
 Example::
 
@@ -136,7 +136,7 @@ def compact_group_weights(full_weight: torch.Tensor, group: GroupPlan, embedding
     Each id of the group keeps ``w = group.width`` of its D entries, packed left in column order,
     and the group's ``w -> D`` projection starts as ``[I_w | 0]`` (zero padding): the packed row is
     then the kept entries placed in the first w slots, the "zero-padding" rendering of a pruned row
-    (methods.md section 2, step 5).
+    (docs/methods.md#pme).
 
     Args:
         full_weight (torch.Tensor): ``[num_embeddings, D]`` search table (e.g. gathered).

@@ -1,8 +1,8 @@
 """A mask-aware stand-in for an ``EmbeddingBagCollection``: per-id masks applied before pooling.
 
 Per-id methods (AMTL, PME) decide something for every looked-up row, and a pooled bag is a sum of
-rows, so on a multi-hot field the mask must act on each row before the sum (design-notes.md,
-"Where masks can live"). ``MaskAwareEmbedding`` therefore looks the ids up with a real, unpooled
+rows, so on a multi-hot field the mask must act on each row before the sum
+(docs/torchrec-notes.md#per-id-masks). ``MaskAwareEmbedding`` therefore looks the ids up with a real, unpooled
 ``EmbeddingCollection`` (child ``ec``, every table of width D; DMP shards it, and the KJT reaches it
 unmodified so ``TrainPipelineSparseDist`` pipelines it), applies ``mask_fn`` row by row, sum-pools
 each bag and returns a ``KeyedTensor`` of width D per field, like the EBC it replaces.
@@ -13,7 +13,7 @@ and a row's side data sits on the shard that owns that row of the side table):
 ``ebc`` (optional)
     Single-hot fields with ``pooled_single_hot=True``: one id per bag, so the pooled vector *is*
     the row and the per-id mask is exact on it, while the output all-to-all moves one vector per bag
-    instead of L (design-notes.md). Multi-hot fields always go through ``ec``.
+    instead of L (docs/torchrec-notes.md#per-id-masks). Multi-hot fields always go through ``ec``.
 ``ec`` (optional)
     The unpooled full-width table of every other field.
 ``side`` / ``side_pooled`` (optional, width 4)
@@ -22,8 +22,8 @@ and a row's side data sits on the shard that owns that row of the side table):
     lr 0, attached here so that the sharder finds exactly one) never runs. That is cleaner than
     relying on lr 0 alone: the values cannot drift whatever optimizer the table ends up with.
 ``acc`` / ``acc_pooled`` (optional, width D)
-    A saliency accumulator with the main table's rows (design-notes.md, "Accumulators that are
-    updated from gradients"): zeroed, looked up, and given the gradient ``-|e * dL/de|`` by
+    A saliency accumulator with the main table's rows
+    (docs/torchrec-notes.md#side-tables): zeroed, looked up, and given the gradient ``-|e * dL/de|`` by
     ``SaliencyTap``; its fused optimizer is plain SGD with lr 1, so ``acc -= lr * grad`` adds the
     saliency into the rows, repeated ids summed by the TBE backward. The design note adds
     ``-(acc_out * saliency.detach()).sum()`` to the loss; ``dL/de`` is unknown at forward time,
@@ -72,7 +72,7 @@ from embdim.embedding_methods.base import FieldSpec
 logger = logging.getLogger(__name__)
 
 SIDE_WIDTH = 4
-"""Width of the side table: FBGEMM TBE needs a multiple of 4 (torchrec.md section 0.2)."""
+"""Width of the side table: FBGEMM TBE needs a multiple of 4 (docs/torchrec-notes.md#table-widths)."""
 NUM_SIDE_FEATURES = 3
 """Meaningful columns of a side row; the last column is padding to ``SIDE_WIDTH``."""
 
@@ -101,7 +101,7 @@ def side_features(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
     Columns (float32):
 
-    0. ``log1p(count)``, the paper's occurrence-count input (methods.md section 3);
+    0. ``log1p(count)``, the paper's occurrence-count input (docs/methods.md#amtl);
     1. count-rank fraction: the share of the field's ids with a strictly larger count, in ``[0, 1)``
        (0 for the most frequent ids; ids with equal counts share a rank);
     2. normalised frequency ``alpha = log1p(count) / log1p(max count of the field)`` in ``[0, 1]``

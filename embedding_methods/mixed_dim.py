@@ -7,7 +7,7 @@ of two layouts (``embedding_methods.plan.LAYOUTS``):
 ``pad``
     a width-w table's pooled vector becomes its w values followed by D - w zeros. Nothing is
     stored beyond the tables. This is the compact model of OptEmbed, AMTL, PME and MLET (a
-    narrower embedding is the full one with its trailing dims masked to zero; docs/methods.md).
+    narrower embedding is the full one with its trailing dims masked to zero; docs/methods.md#layouts).
 ``project``
     a bias-free projection, as MDE does (Ginart et al. 2021, Sec. 3: ``E_t = V_t P_t``, ``P_t``
     in ``R^{d_t x D}``; Xavier init as in dlrm ``tricks/md_embedding_bag.py``).
@@ -20,7 +20,7 @@ names from those configs).
 Why a wrapper and not a subclass: ``DistributedModelParallel``'s default sharders find the inner
 collection by type and shard it, the projections stay dense (DDP-replicated) parameters, and
 ``TrainPipelineSparseDist`` pipelines the inner collection because the KJT reaches ``self.ebc``
-untouched (torchrec.md Sec. 1.3 and 3.4). Id remapping for compact tables happens on the host
+untouched (docs/torchrec-notes.md#stand-in-modules). Id remapping for compact tables happens on the host
 (``embedding_methods.remap.IdRemapper``), never here.
 
 A field can own several inner features (its width groups, ``<field>@g<k>``). Every id lives in
@@ -67,7 +67,7 @@ class GroupedProjection(nn.Module):
     """Bias-free per-slot linear maps ``in_dims[i] -> out_dims[i]``, batched by shape.
 
     Slots with the same ``(in, out)`` share one ``[G, in, out]`` parameter (``weight_<in>x<out>``)
-    and run as one ``torch.bmm`` instead of G small matmuls (torchrec.md Sec. 1.3). A slot whose
+    and run as one ``torch.bmm`` instead of G small matmuls (docs/torchrec-notes.md#stand-in-modules). A slot whose
     in and out widths are equal is the identity and has no parameter. ``slot_weight(i)`` is the
     ``[in, out]`` view of slot i (the transpose of the ``nn.Linear(in, out).weight`` it replaces).
 

@@ -16,7 +16,7 @@ the collapsed model compute exactly the same thing. Under the ``project`` layout
 = "project"``) we instead train the composite ``k -> d -> D`` with a learned ``P_t`` in
 ``R^{D x d}`` (MDE's projection, counted in the budget) and keep ``P_t`` in the retrain module.
 
-Training memory is k/D times the full-width tables (methods.md Sec. 4). Tables must not be
+Training memory is k/D times the full-width tables (docs/methods.md#mlet). Tables must not be
 column-wise sharded in search: a CW shard holds part of k and its product is only a partial sum
 (see ``collapse_shard``).
 """

@@ -3,7 +3,7 @@
 Lyu et al., "OptEmbed: Learning Optimal Embedding Table for Click-through Rate Prediction",
 CIKM 2022 (arXiv 2208.04482); reference code github.com/fuyuanlyu/OptEmbed (``supernet.py``,
 ``evolution.py``, ``retrain.py``, ``models/layer.py``, ``models/modules_super.py``). The notes in
-``shared/docs/methods.md`` section 1 describe that code; this file follows it except where marked
+``docs/methods.md#optembed`` describe that code; this file follows it except where marked
 "deviation".
 
 Three phases:
@@ -31,7 +31,7 @@ Deviations from the reference code, all deliberate:
   narrowest width can be drawn; the best candidate ever seen is returned.
 - Multi-hot fields: a pooled vector is a sum of rows, so a per-row mask cannot be applied on the
   pooled output. Their rows are not pruned during search (every row is kept in the plan); they
-  still get searched widths (a per-field mask commutes with sum pooling, design-notes.md).
+  still get searched widths (a per-field mask commutes with sum pooling, docs/torchrec-notes.md#per-id-masks).
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ class OptEmbedSupernet(nn.Module):
         self.norm = norm
         self.threshold_init = float(threshold_init)
         device = next(iter(ebc.parameters()), torch.empty(0)).device
-        # Replicated dense parameters (design-notes: "Learned thresholds per field"); the trainer
+        # Replicated dense parameters (docs/torchrec-notes.md#per-field-parameters); the trainer
         # gives them to ``OptEmbed.extra_optimizers`` (plain SGD, as ``get_optimizer`` does).
         self.thresholds = nn.Parameter(torch.empty(len(fields), device=device))
         self.reset_parameters()
@@ -239,7 +239,7 @@ class OptEmbedSupernet(nn.Module):
         return self._constants_on[device]
 
     def _field_index(self, keys: list[str]) -> torch.Tensor:
-        # Sharded KeyedTensors do not keep config order (torchrec.md section 0.6): map by name.
+        # Sharded KeyedTensors do not keep config order (docs/torchrec-notes.md#key-order): map by name.
         index = self._key_index.get(tuple(keys))
         if index is None or index.device != self.thresholds.device:
             position = {n: i for i, n in enumerate(self.feature_names)}

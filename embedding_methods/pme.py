@@ -2,7 +2,7 @@
 
 Liu, Song, Li, Choi, Chen, Hu, "Pruning-based Multi-size Embedding", Frontiers in Big Data 2023
 (doi 10.3389/fdata.2023.1195742). No code was found; this follows the "Implementable algorithm" of
-``shared/docs/methods.md`` section 2 (an interpretation consistent with the abstract):
+``docs/methods.md#pme`` (an interpretation consistent with the abstract):
 
 1. Full table E [N, D] per field (the search module's ``ec`` / ``ebc``).
 2. Saliency ``s_ij = |E_ij * dL/dE_ij|`` (SNIP connection sensitivity) accumulated over
@@ -21,7 +21,7 @@ Choices the paper leaves open, and the defaults here (all in ``PME.Config``):
 - Criterion: SNIP ``|e * g|``, summed over occurrences (an id seen twice in a batch adds both terms;
   ``sum |e g_o|`` rather than ``|e sum g_o|``, because the TBE backward sums per occurrence) and
   over batches. One-shot: a single pruning step, no iteration.
-- S = 100 batches at initialisation (methods.md suggests 1-100; more batches touch more ids).
+- S = 100 batches at initialisation (docs/methods.md#pme: 1-100; more batches touch more ids).
 - The tables are frozen from the first saliency step on (``freeze_tables``): saliency is measured
   at one point, and "rewind" then reads the values it was measured at.
 - Entries never touched in the saliency batches score 0. Ties at the threshold (these zeros
@@ -73,7 +73,7 @@ AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------------
-# Exact global selection by histogram refinement (design-notes.md, "Budgets across shards")
+# Exact global selection by histogram refinement (docs/torchrec-notes.md#global-thresholds)
 
 
 def float_sort_keys(x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +260,7 @@ class PME(EmbeddingMethod):
     @dataclass(kw_only=True, slots=True)
     class Config:
         saliency_batches: int = 100
-        """S: training batches whose saliency is accumulated (methods.md: 1-100)."""
+        """S: training batches whose saliency is accumulated (docs/methods.md#pme: 1-100)."""
         warmup_steps: int = 0
         """Ordinary training steps before the saliency batches (0 = at initialisation)."""
         freeze_tables: bool = True

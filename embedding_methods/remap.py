@@ -5,7 +5,7 @@ group, else ``<field>@g<k>``); kept ids are renumbered densely ``0..n_g-1`` insi
 (in raw-id order) and pruned ids are DROPPED from the bag. Under sum pooling a dropped id adds
 nothing, exactly as a shared all-zero row would, but costs no lookup and no row. Doing this in the
 data pipeline keeps the GPU side plain TorchRec: the sharded tables are ordinary tables and
-``TrainPipelineSparseDist`` still sees the KJT straight from the batch (torchrec.md Sec. 3.4).
+``TrainPipelineSparseDist`` still sees the KJT straight from the batch (docs/torchrec-notes.md#stand-in-modules).
 
 Only numpy is imported here, so loader processes stay light.
 """

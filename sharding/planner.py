@@ -3,7 +3,7 @@
 Every ``EmbeddingBagCollection`` / ``EmbeddingCollection`` in the model is sharded by TorchRec with
 the optimizer fused into its backward (FBGEMM TBE); everything else is dense and data-parallel.
 
-CPU quirk (torchrec.md §0.3): TorchRec's base sharder offers row-wise sharding only for CUDA, yet
+CPU quirk (docs/torchrec-notes.md#row-wise-on-cpu): TorchRec's base sharder offers row-wise sharding only for CUDA, yet
 the fused CPU kernel runs it fine over gloo, so our sharders add the row-wise types on any device.
 
 Example::
@@ -194,7 +194,7 @@ def plan_model(model: nn.Module, env: DistEnv, config: Config) -> ShardingPlan:
 def shard_model(model: nn.Module, env: DistEnv, config: Config) -> DistributedModelParallel:
     """Fuses the sparse optimizer into the embedding tables, plans and wraps the model in DMP.
 
-    The fused optimizer must be attached before DMP (torchrec.md §0.4): sharded tables have no
+    The fused optimizer must be attached before DMP (docs/torchrec-notes.md#fused-optimizers): sharded tables have no
     ``.grad``; their update runs inside the backward of the TBE kernel. The result exposes it as
     ``dmp.fused_optimizer``.
     """

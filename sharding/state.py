@@ -1,7 +1,7 @@
 """Reading and editing the local shards of sharded embedding tables, and small collectives.
 
 The ``ShardedTensor`` local shards in ``model.state_dict()`` are live views of the FBGEMM TBE
-weights (torchrec.md §2.3): reading them costs no copy and writing them changes the next lookup.
+weights (docs/torchrec-notes.md#sharded-weights): reading them costs no copy and writing them changes the next lookup.
 Each rank touches only its own shards, so editing needs no collective; assembling a full table
 (``gather_table``) does.
 

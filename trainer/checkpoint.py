@@ -12,7 +12,7 @@ shards and the sidecar are on disk; ``latest`` is switched after the rename. A c
 leaves the previous checkpoint as ``latest``. The folder must be on storage every rank can reach.
 
 DCP stores each table by global offsets, so a checkpoint loads under any other plan or number of
-ranks (torchrec.md §2.3). RNG states are per rank and restored only under the same number of
+ranks (docs/torchrec-notes.md#sharded-weights). RNG states are per rank and restored only under the same number of
 ranks; the reader position (rank-independent for ``ParquetBatchReader``) is restored always: under
 another layout the reader re-deals the epoch's unread rows.
 """

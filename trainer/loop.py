@@ -6,7 +6,7 @@ collection), ``aux_loss_fn`` (a regulariser added to the loss), ``extra_optimize
 ``evaluate_with`` (custom scoring over this rank's part of the validation split).
 
 Training runs TorchRec's ``TrainPipelineSparseDist`` (the input all-to-all of batch i+1 overlaps
-batch i), like the TorchRec DLRM reference (torchrec.md §3.2). The pipeline pulls up to two
+batch i), like the TorchRec DLRM reference (docs/torchrec-notes.md#pipelining). The pipeline pulls up to two
 batches ahead of the one it trains, so the reader position saved in a checkpoint is the one
 recorded when the last *trained* batch was yielded, not the reader's current one: resuming then
 replays exactly the batches the pipeline had prefetched.
@@ -281,7 +281,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def _detach_pipeline(self) -> None:
         # Direct calls into a pipelined sharded module fail ("Invalid PipelinedForward usage");
-        # progress() re-attaches by itself, keeping its in-flight batches (torchrec.md §0.9).
+        # progress() re-attaches by itself, keeping its in-flight batches (docs/torchrec-notes.md#pipelining).
         if self._pipeline is not None:
             self._pipeline.detach()
 
