@@ -40,6 +40,15 @@ def test_methods_toml_matches_dataclass_defaults(tmp_path):
     both = tmp_path / "run.toml"
     both.write_text((REPO / "configs" / "default.toml").read_text() + "\n" + methods)
     assert load_config(both, cls=RunConfig) == RunConfig()
+    # Complete, not only equal: every field of every section is listed (a missing key would
+    # silently take its default and the file would no longer document it).
+    import dataclasses
+
+    listed = tomllib.loads(both.read_text())
+    for section, values in listed.items():
+        fields = {f.name for f in dataclasses.fields(getattr(RunConfig(), section))}
+        assert set(values) == fields, (section, sorted(fields - set(values)))
+    assert set(listed) == {f.name for f in dataclasses.fields(RunConfig)}
 
 
 def test_toml_values(tmp_path):
