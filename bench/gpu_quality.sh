@@ -3,7 +3,8 @@
 # full-width baseline, then methods at 1/8 of its embedding parameters, 1 epoch each, one seed
 # (AMTL warm-started from that baseline).
 # Metrics are copied to ${OUT:-/tmp/embdim_quality}/<run>/ as each run ends.
-# Usage: bash bench/gpu_quality.sh [rows] [methods...]
+# Usage: [NPROC=4] [SETS="--set k=v ..."] bash bench/gpu_quality.sh [rows] [methods...]
+# NPROC: GPUs (one rank each); SETS: extra overrides for every phase (e.g. --set search.layout=project).
 set -uo pipefail
 rows=${1:-50000000}; shift || true
 methods=${*:-optembed mlet pme}
@@ -13,17 +14,18 @@ E="python -m embdim.launch.main"
 S=(--set data.batch_size=16384 --set data.eval_batch_size=131072 --set model.embedding_dim=64
    --set "model.dense_arch_layer_sizes=[512,256,64]" --set "model.over_arch_layer_sizes=[512,256,1]"
    --set data.num_workers=4 --set train.progress_bar=false --set optim.sparse_optimizer=rowwise_adagrad
-   --set optembed.generations=10)
+   --set optembed.generations=10 ${SETS:-})
+nproc=${NPROC:-4}
 t0=$(date +%s)
 [ -f $work/data/dataset.json ] || $E data synth --rows "$rows" --cardinality-cap 2000000 --out $work/data --no-progress
 cp $work/data/dataset.json "$out/"
 echo "data ready after $(( $(date +%s) - t0 )) s"
-$E launch --nproc-per-node 4 -- train --data $work/data --out $work/full "${S[@]}" > "$out/full.log" 2>&1
+$E launch --nproc-per-node $nproc -- train --data $work/data --out $work/full "${S[@]}" > "$out/full.log" 2>&1
 mkdir -p "$out/full" && cp $work/full/metrics.json "$out/full/"
 echo "full done after $(( $(date +%s) - t0 )) s"
 for m in $methods; do
   warm=(); [ "$m" = amtl ] && warm=(--set search.init_from=$work/full)  # AMTL warm-starts from the baseline
-  $E run --data $work/data --method $m --budget 0.125 --nproc-per-node 4 --out $work/$m "${S[@]}" "${warm[@]}" > "$out/$m.log" 2>&1
+  $E run --data $work/data --method $m --budget 0.125 --nproc-per-node $nproc --out $work/$m "${S[@]}" "${warm[@]}" > "$out/$m.log" 2>&1
   mkdir -p "$out/$m/retrain"
   cp $work/$m/plan.json $work/$m/metrics.json $work/$m/run_state.json "$out/$m/" 2>/dev/null
   cp $work/$m/retrain/metrics.json "$out/$m/retrain/" 2>/dev/null
