@@ -215,3 +215,36 @@ def test_plan_show(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 def test_summarize_plan_of_full_width_plan() -> None:
     text = summarize_plan(uniform_plan("fixed", [("a", 10)], 8, [8], layout="project"))
     assert "achieved fraction: 1.0000" in text and "pruned |" not in text
+
+
+def test_layout_is_recorded_counted_and_shown(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """plan.json records the layout; pad counts tables only, project adds a w x D projection per
+    narrow group; `plan show` prints the layout and the projections' share; a plan written before
+    layouts existed loads as project (what it was built with)."""
+    import dataclasses
+    import json
+
+    project = sample_plan()
+    pad = dataclasses.replace(project, layout="pad")
+    assert pad.num_params() == pad.num_table_params() == project.num_table_params()
+    # C1: 4 + 16 (the 16-wide group needs none), C2: 8, site id/x: 12 -> D = 16.
+    assert project.num_projection_params() == (4 + 8 + 12) * 16
+    assert pad.projection_share() == 0 and project.projection_share() == pytest.approx(
+        project.num_projection_params() / project.num_params())
+    save_plan(pad, tmp_path / "pad")
+    save_plan(project, tmp_path / "project")
+    for plan, name in ((pad, "pad"), (project, "project")):
+        doc = json.loads((tmp_path / name / "plan.json").read_text())
+        assert doc["layout"] == name and doc["num_params"] == plan.num_params()
+        assert load_plan(tmp_path / name).layout == name
+        assert _cli(["plan", "show", str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        assert f"layout: {name}" in out
+        assert f"({plan.projection_share():.1%} in projections)" in out
+    doc = json.loads((tmp_path / "pad" / "plan.json").read_text())
+    for key in ("layout", "projection_share"):
+        del doc[key]
+    (tmp_path / "pad" / "plan.json").write_text(json.dumps(doc))
+    assert load_plan(tmp_path / "pad").layout == "project"
+    with pytest.raises(PlanError, match="layout must be one of"):
+        dataclasses.replace(pad, layout="stretch").validate()
