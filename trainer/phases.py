@@ -11,8 +11,9 @@ search
 
 retrain
     The plan becomes a ``MixedDimEmbeddingBagCollection`` (one table per field or id group, each
-    its own width, projected to the common width) and an ``IdRemapper`` that the data pipeline
-    applies on the host, so the sharded tables stay plain TorchRec. ``metrics.json`` gains the
+    its own width, padded or projected to the common width as the plan's layout says) and an
+    ``IdRemapper`` that the data pipeline applies on the host, so the sharded tables stay plain
+    TorchRec. ``metrics.json`` gains the
     full-width model's parameter count, and ``compact_embedding.pt`` (a plain state_dict of the
     module, for ``embedding_methods.load_compact_embedding``) is written at the end.
 """
