@@ -120,3 +120,22 @@ def test_missing_shared_data_skips_with_a_reason_and_fails_under_ci(tmp_path):
     with pytest.raises(pytest.fail.Exception, match="CI=true needs it"):
         require_shared_data(gone, {"CI": "true"})
     assert "-rs" in (REPO / "scripts" / "test.sh").read_text()  # skip reasons show in the summary
+
+
+def test_every_public_name_imports_from_embdim_and_is_in_the_readme():
+    """``embdim`` re-exports the pipeline API lazily: importing it loads no torch, and every name
+    it lists resolves and is documented in the README's pipeline section."""
+    code = """
+import sys, embdim
+assert "torch" not in sys.modules
+for name in embdim._API:
+    assert getattr(embdim, name) is not None, name
+assert "torch" in sys.modules
+print(" ".join(embdim._API))
+"""
+    done = _python(code)
+    assert done.returncode == 0, done.stderr
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Using the compact model"):readme.index("## Benchmarks")]
+    undocumented = [name for name in done.stdout.split() if f"`{name}`" not in section]
+    assert not undocumented, f"public names missing from the README's pipeline section: {undocumented}"
