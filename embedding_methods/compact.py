@@ -16,6 +16,10 @@ to the common width D (``embedding_methods.mixed_dim``). It adds:
 - ``compact_source``: where ``load_compact_embedding`` found the retrained weights, so that
   ``embdim.sharding.restore_compact_weights(dmp_model)`` can write them into the sharded model
   (``DistributedModelParallel`` builds fresh sharded tables; torchrec.md, "Loaded weights and DMP").
+  A module with a source whose sharded tables got neither that call nor a ``load_state_dict``
+  (e.g. from a DCP checkpoint) warns on its first batch: it would train fresh tables.
+
+The common width D is the class's ``embedding_dim`` (the plan's; the dense arch must end at it).
 
 The check runs through ``check_compact_input``, an ``torch.fx.wrap``-ed function, so the train
 pipeline's fx trace records it as one opaque node and the KJT still reaches the inner collection
@@ -28,9 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import logging
+
 import torch
 import torch.fx
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 INNER = "ebc."
 """Parameter-name prefix of the inner collection's tables inside a compact module."""
@@ -75,6 +83,7 @@ class CompactModuleMixin:
 
     _inputs_checked: int = 0
     _input_spec: tuple[frozenset, dict[str, int]] | None = None
+    _weights_loaded: bool = False  # set by load_state_dict (through attach_source) and the restore
 
     def named_table_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of the inner tables (names start with ``ebc.``)."""
@@ -103,6 +112,32 @@ class CompactModuleMixin:
         return self._input_spec
 
 
+def attach_source(module: CompactModuleMixin, source: CompactSource) -> None:
+    """Records where ``module``'s weights are, and notes a ``load_state_dict`` into its sharded
+    tables (through DMP, e.g. of a DCP checkpoint) as their weights being loaded. A load before
+    DMP does not count: DMP replaces the tables."""
+    module.compact_source = source
+
+    def loaded(*args: Any, **kwargs: Any) -> None:
+        if _is_sharded(module):
+            module._weights_loaded = True
+
+    module._register_load_state_dict_pre_hook(loaded)  # type: ignore[attr-defined]
+
+
+def _is_sharded(module: CompactModuleMixin) -> bool:
+    return hasattr(module.ebc, "input_dist")  # type: ignore[attr-defined]  # a TorchRec ShardedModule
+
+
+def _warn_if_fresh(module: CompactModuleMixin) -> None:
+    source = module.compact_source
+    if _is_sharded(module) and source is not None and source.weights is not None and not module._weights_loaded:
+        logger.warning("%s: the sharded tables hold a fresh initialisation, not the retrained weights %s "
+                       "(DistributedModelParallel builds new tables): call "
+                       "embdim.sharding.restore_compact_weights(model) after wrapping, or load a checkpoint",
+                       type(module).__name__, source.weights)
+
+
 def _listed(names: list[str], limit: int = 8) -> str:
     return str(names[:limit])[:-1] + (f", ... ({len(names)} in all)]" if len(names) > limit else "]")
 
@@ -124,6 +159,8 @@ def check_compact_input(module: CompactModuleMixin, features: Any) -> None:
     check_compact_keys(module, features)
     if module._inputs_checked >= module.input_checks:
         return
+    if module._inputs_checked == 0:
+        _warn_if_fresh(module)
     module._inputs_checked += 1
     values = features.values()
     if values.numel() == 0:

@@ -35,7 +35,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embdim.embedding_methods.compact import CompactModuleMixin, CompactSource
+from embdim.embedding_methods.compact import CompactModuleMixin, CompactSource, attach_source
 from embdim.embedding_methods.gemm import batched_weight_grad
 from embdim.embedding_methods.plan import SizePlan, group_feature_name, load_plan, plan_file, resolve_init_checkpoint
 from embdim.embedding_methods.remap import FeatureNames, rename_plan
@@ -609,7 +609,7 @@ def load_compact_embedding(run_dir_or_plan: str | Path, device: torch.device | s
     weights = plan_path.parent / RETRAIN_WEIGHTS
     init = resolve_init_checkpoint(plan, plan_path)
     source = weights if weights.exists() else init
-    module.compact_source = CompactSource(plan=plan_path, weights=source, feature_names=feature_names)
+    attach_source(module, CompactSource(plan=plan_path, weights=source, feature_names=feature_names))
     if source is None:
         logger.warning("%s: no retrained weights (%s) and no init checkpoint; the module is freshly initialised",
                        plan_path, weights)

@@ -136,5 +136,6 @@ def restore_compact_weights(model: nn.Module, run_dir: str | Path | None = None)
             raise RestoreError(f"restore_compact_weights: module {name or type(module).__name__!r} was not built by "
                                f"load_compact_embedding; pass run_dir")
         write_compact_state(module, compact_weights(source), source.weights)  # type: ignore[arg-type]
+        module._weights_loaded = True
         guard_input_dist(module)
     return [name for name, _ in found]

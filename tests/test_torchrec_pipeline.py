@@ -15,6 +15,7 @@ split and pruned id groups (what OptEmbed, AMTL and PME export), and ``embdim re
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -110,6 +111,18 @@ def _dlrm(module: torch.nn.Module, interaction: str) -> torch.nn.Module:
     return DLRMTrain(DLRM(**kwargs))
 
 
+class _Records(logging.Handler):
+    """Collects the warnings of embdim's compact module (in a spawned rank, where caplog is not)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        logging.getLogger("embdim.embedding_methods.compact").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def _embedding_output(model: torch.nn.Module, kjt: KeyedJaggedTensor) -> torch.Tensor:
     from torchrec.distributed.model_parallel import DistributedModelParallel
 
@@ -135,6 +148,7 @@ def _restore_body(rank: int, world_size: int, run_dir: str) -> None:
     remapper = IdRemapper(load_plan(run_dir), feature_names=NAMES)
     batch = remapper(next(iter(TinyRecDataset(16, 1, seed=rank))))
     want = _embedding_output(reference, batch.sparse_features)
+    records = _Records()
     for device in ("cpu", "meta"):
         torch.manual_seed(rank)
         module = load_compact_embedding(run_dir, device=device, feature_names=NAMES)
@@ -150,8 +164,10 @@ def _restore_body(rank: int, world_size: int, run_dir: str) -> None:
                                        device=torch.device("cpu"), sharders=get_sharders(),
                                        plan=ShardingPlan({"model.sparse_arch.embedding_bag_collection.ebc": plan}))
         before = _embedding_output(dmp, batch.sparse_features)
-        # DMP built fresh tables: without the restore the model silently computes something else.
+        # DMP built fresh tables: without the restore the model computes something else, and says so.
         assert (before - want).abs().max() > 1e-2, device
+        assert len(records.messages) == 1 and "restore_compact_weights(model)" in records.messages[0], records.messages
+        records.messages.clear()
         restored = restore_compact_weights(dmp)
         assert len(restored) == 1 and restored[0].endswith("model.sparse_arch.embedding_bag_collection"), restored
         torch.testing.assert_close(_embedding_output(dmp, batch.sparse_features), want, rtol=1e-5, atol=1e-5)
@@ -223,6 +239,7 @@ def _replay_body(rank: int, world_size: int, run_dir: str, ckpt_root: str) -> No
 
     torch.set_num_threads(1)
     remapper = IdRemapper(load_plan(run_dir), feature_names=NAMES)  # embdim
+    records = _Records()
     probe = remapper(next(iter(TinyRecDataset(32, 1, seed=100 + rank))))
     reference = load_compact_embedding(run_dir, feature_names=NAMES)
     for interaction in ("dot", "dcn"):
@@ -267,6 +284,7 @@ def _replay_body(rank: int, world_size: int, run_dir: str, ckpt_root: str) -> No
             torch.testing.assert_close(loaded(probe)[1][1], trained, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(_embedding_output(loaded, probe.sparse_features), emb_trained,
                                        rtol=1e-5, atol=1e-6)
+    assert records.messages == []  # restored or loaded from the checkpoint: no fresh-table warning
 
 
 def test_golden_training_replay_with_compact_module(run_dir, tmp_path):
