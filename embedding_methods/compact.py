@@ -87,7 +87,8 @@ class CompactModuleMixin:
 
     def named_table_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of the inner tables (names start with ``ebc.``)."""
-        return ((name, p) for name, p in self.named_parameters() if name.startswith(INNER))  # type: ignore[attr-defined]
+        named = self.named_parameters()  # type: ignore[attr-defined]
+        return ((name, p) for name, p in named if name.startswith(INNER))
 
     def table_parameters(self) -> Iterator[nn.Parameter]:
         """The embedding tables: what a fused (in-backward) optimizer should own."""
@@ -95,7 +96,8 @@ class CompactModuleMixin:
 
     def named_dense_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of everything but the tables (the projections)."""
-        return ((name, p) for name, p in self.named_parameters() if not name.startswith(INNER))  # type: ignore[attr-defined]
+        named = self.named_parameters()  # type: ignore[attr-defined]
+        return ((name, p) for name, p in named if not name.startswith(INNER))
 
     def dense_parameters(self) -> Iterator[nn.Parameter]:
         """The projections (dense, data-parallel): trained by the dense optimizer."""
@@ -107,7 +109,8 @@ class CompactModuleMixin:
 
     def _expected_input(self) -> tuple[frozenset, dict[str, int]]:
         if self._input_spec is None:
-            rows = {cfg.feature_names[0]: int(cfg.num_embeddings) for cfg in self.inner_configs()}  # type: ignore[attr-defined]
+            configs = self.inner_configs()  # type: ignore[attr-defined]
+            rows = {cfg.feature_names[0]: int(cfg.num_embeddings) for cfg in configs}
             self._input_spec = (frozenset(rows), rows)
         return self._input_spec
 

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from embdim.embedding_methods.compact import INNER, CompactModuleMixin, CompactSource, check_compact_keys, compact_weights
+from embdim.embedding_methods.compact import (INNER, CompactModuleMixin, CompactSource, check_compact_keys,
+                                              compact_weights)
 from embdim.sharding import state as sharded_state
 
 _TABLE_PREFIX = INNER + "embedding_bags."

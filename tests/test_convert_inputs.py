@@ -96,7 +96,8 @@ def write_avazu(path: Path, n: int, seed: int) -> list[dict[str, str]]:
                      "banner_pos": str(int(rng.zipf(2.0)) % 5), "site_id": f"{int(rng.integers(0, 12)):08x}",
                      "device_type": "" if rng.random() < 0.05 else str(int(rng.integers(0, 3))),
                      "C14": str(int(rng.zipf(1.5)) % 40)})
-    path.write_text(",".join(AVAZU_COLUMNS) + "\n" + "".join(",".join(r[c] for c in AVAZU_COLUMNS) + "\n" for r in rows))
+    lines = [",".join(AVAZU_COLUMNS), *(",".join(r[c] for c in AVAZU_COLUMNS) for r in rows)]
+    path.write_text("\n".join(lines) + "\n")
     return rows
 
 
@@ -130,8 +131,9 @@ def test_generic_csv_written_here(tmp_path):
     lines = ["clicked;bid;user;tags"]
     rows = []
     for _ in range(120):
+        drawn = rng.integers(0, 6, rng.integers(0, 4))
         row = {"clicked": str(int(rng.random() < 0.4)), "bid": "" if rng.random() < 0.1 else f"{rng.random() * 9:.3f}",
-               "user": f"u{int(rng.zipf(1.7)) % 30}", "tags": "|".join(f"t{int(t)}" for t in rng.integers(0, 6, rng.integers(0, 4)))}
+               "user": f"u{int(rng.zipf(1.7)) % 30}", "tags": "|".join(f"t{int(t)}" for t in drawn)}
         rows.append(row)
         lines.append(";".join(row.values()))
     (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")

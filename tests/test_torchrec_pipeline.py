@@ -95,8 +95,9 @@ class TinyRecDataset(IterableDataset):
             kjt = KeyedJaggedTensor.from_lengths_sync(
                 keys=list(HASH_SIZES), values=torch.from_numpy(np.concatenate(values)).long(),
                 lengths=torch.from_numpy(np.concatenate(lengths)).int())
+            labels = (rng.random(self.batch_size) < 0.3).astype(np.float32)
             yield Batch(dense_features=torch.from_numpy(rng.random((self.batch_size, NUM_DENSE), np.float32)),
-                        sparse_features=kjt, labels=torch.from_numpy((rng.random(self.batch_size) < 0.3).astype(np.float32)))
+                        sparse_features=kjt, labels=torch.from_numpy(labels))
 
 
 def _dlrm(module: torch.nn.Module, interaction: str) -> torch.nn.Module:
