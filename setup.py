@@ -17,6 +17,7 @@ setup(
     # collide with a user's own ``trainer``, ``launch`` or ``sharding`` package.
     packages=["embdim"] + [f"embdim.{p}" for p in _SUBPACKAGES],
     package_dir={"embdim": "embdim", **{f"embdim.{p}": p.replace(".", "/") for p in _SUBPACKAGES}},
-    install_requires=["pyarrow>=14", "numpy>=1.24", "tqdm", "torchmetrics==1.0.3"],
+    # tomli: the TOML parser that Python 3.11 ships as tomllib (trainer/config.py).
+    install_requires=["pyarrow>=14", "numpy>=1.24", "tqdm", "torchmetrics==1.0.3", 'tomli; python_version < "3.11"'],
     entry_points={"console_scripts": ["embdim = embdim.launch.main:cli"]},
 )

@@ -44,9 +44,11 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from embdim.embedding_methods.compact import CompactModuleMixin, CompactSource, attach_source
 from embdim.embedding_methods.gemm import batched_weight_grad
 from embdim.embedding_methods.plan import (LAYOUTS, SizePlan, group_feature_name, load_plan, plan_file,
                                            resolve_init_checkpoint)
+from embdim.embedding_methods.remap import FeatureNames, rename_plan
 
 logger = logging.getLogger(__name__)
 
@@ -362,7 +364,7 @@ class _PadLayout:
         return out.index_add_(1, index, values) if self.accumulate else out.index_copy_(1, index, values)
 
 
-class _ProjectedEmbeddingBagCollection(nn.Module):
+class _ProjectedEmbeddingBagCollection(CompactModuleMixin, nn.Module):
     """Shared layout and forward of modules that bring an inner EBC's pooled outputs to width D:
     projection stages (possibly none), then, for the ``pad`` layout, zero padding to D."""
 
@@ -452,6 +454,7 @@ class _ProjectedEmbeddingBagCollection(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled ``[B, D]`` embedding per output field, as a ``KeyedTensor`` (``length_per_key == [D] * F``)."""
+        self.check_input(features)  # not remapped by IdRemapper: a clear error (embedding_methods.compact)
         # The KJT reaches the (sharded) collection untouched, as pipelining needs; the projection
         # is one opaque fx node (it reads the pooled output's key order).
         return _project_pooled(self, self.ebc(features))
@@ -598,7 +601,8 @@ torch.fx.wrap("_project_pooled")
 
 
 def build_retrain_module(plan: SizePlan, *, device: torch.device | str = "meta",
-                         data_type: DataType = DataType.FP32) -> MixedDimEmbeddingBagCollection:
+                         data_type: DataType = DataType.FP32,
+                         feature_names: FeatureNames = None) -> MixedDimEmbeddingBagCollection:
     """The compact retrain module of a plan: one table ``t_<feature>`` per width group, padded or
     projected to D as ``plan.layout`` says.
 
@@ -606,28 +610,31 @@ def build_retrain_module(plan: SizePlan, *, device: torch.device | str = "meta",
     one row per kept id, in the order ``IdRemapper`` numbers them. Tables are created on ``meta``
     by default, for ``DistributedModelParallel`` to materialise shard by shard, and stored as
     ``data_type`` (``DataType.FP16``: half-precision tables; projections stay fp32).
+    ``feature_names`` renames the fields (``remap.rename_plan``): KJT features and outputs take the
+    new names, the tables keep the plan's (so the run's weights load unchanged).
     """
     plan.validate("build_retrain_module plan")
+    renamed = rename_plan(plan, feature_names, "build_retrain_module feature_names")
     tables: list[EmbeddingBagConfig] = []
     output_features: dict[str, list[str]] = {}
-    for f in plan.fields:
+    for f, rf in zip(plan.fields, renamed.fields):
         features = []
         for k, g in enumerate(f.groups):
-            feature = group_feature_name(f.name, k, len(f.groups))
+            feature = group_feature_name(rf.name, k, len(f.groups))
             tables.append(EmbeddingBagConfig(
-                name=table_name_for_feature(feature), embedding_dim=int(g.width),
+                name=table_name_for_feature(group_feature_name(f.name, k, len(f.groups))), embedding_dim=int(g.width),
                 num_embeddings=g.num_rows(f.num_embeddings), feature_names=[feature], pooling=PoolingType.SUM,
                 data_type=data_type,
             ))
             features.append(feature)
-        output_features[f.name] = features
+        output_features[rf.name] = features
     names = [t.name for t in tables]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"build_retrain_module: table names {dup} clash after sanitising field names")
     return MixedDimEmbeddingBagCollection(
         tables, output_features, plan.embedding_dim, plan.layout, device=device,
-        num_embeddings_per_field={f.name: f.num_embeddings for f in plan.fields},
+        num_embeddings_per_field={f.name: f.num_embeddings for f in renamed.fields},
     )
 
 
@@ -675,25 +682,30 @@ def load_module_weights(module: nn.Module, path: str | Path) -> None:
     module.load_state_dict(state)
 
 
-def load_compact_embedding(run_dir_or_plan: str | Path, device: torch.device | str = "cpu") -> MixedDimEmbeddingBagCollection:
+def load_compact_embedding(run_dir_or_plan: str | Path, device: torch.device | str = "cpu", *,
+                           feature_names: FeatureNames = None) -> MixedDimEmbeddingBagCollection:
     """The compact embedding module of a finished run, ready to stand in for a DLRM's EBC.
 
     Builds the module from ``RUN_DIR/plan.json`` (or the given plan file) and loads, in order of
     preference: the retrained weights ``RUN_DIR/retrain/compact_embedding.pt`` (a plain
     ``state_dict`` of this module written by the trainer), else the plan's ``init_checkpoint``
     (e.g. MLET's collapsed tables), else leaves the fresh initialisation (with a warning). Feed it
-    KJTs produced by ``IdRemapper(plan)``.
+    KJTs produced by ``IdRemapper(plan)`` (same ``feature_names``).
+
+    On ``device="meta"`` (TorchRec's way to build a model for ``DistributedModelParallel``) nothing
+    is loaded: the module records its weights in ``compact_source``. DMP builds fresh sharded
+    tables in any case, so call ``embdim.sharding.restore_compact_weights(dmp_model)`` after it.
     """
     plan_path = plan_file(run_dir_or_plan)
     plan = load_plan(plan_path)
-    module = build_retrain_module(plan, device=device)
+    module = build_retrain_module(plan, device=device, feature_names=feature_names)
     weights = plan_path.parent / RETRAIN_WEIGHTS
     init = resolve_init_checkpoint(plan, plan_path)
-    if weights.exists():
-        load_module_weights(module, weights)
-    elif init is not None:
-        load_module_weights(module, init)
-    else:
+    source = weights if weights.exists() else init
+    attach_source(module, CompactSource(plan=plan_path, weights=source, feature_names=feature_names))
+    if source is None:
         logger.warning("%s: no retrained weights (%s) and no init checkpoint; the module is freshly initialised",
                        plan_path, weights)
+    elif torch.device(device).type != "meta":
+        load_module_weights(module, source)
     return module

@@ -7,27 +7,75 @@ nothing, exactly as a shared all-zero row would, but costs no lookup and no row.
 data pipeline keeps the GPU side plain TorchRec: the sharded tables are ordinary tables and
 ``TrainPipelineSparseDist`` still sees the KJT straight from the batch (docs/torchrec-notes.md#stand-in-modules).
 
-Only numpy is imported here, so loader processes stay light.
+The remapper takes what a data pipeline has: a dict of numpy arrays (embdim's own reader), or a
+TorchRec ``KeyedJaggedTensor`` or ``Batch`` (``embedding_methods.remap_kjt``, imported only then);
+``remap_dataset`` wraps a map-style or iterable dataset of batches. A pipeline whose fields are
+named differently from the dataset the plan was searched on passes ``feature_names`` (the same
+renaming as ``load_compact_embedding(..., feature_names=...)``).
+
+Only numpy is imported here, so loader processes that unpickle a remapper stay light.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, Union
 
 import numpy as np
 
-from embdim.embedding_methods.plan import SizePlan, field_file_stems, group_feature_name
+from embdim.embedding_methods.plan import PlanError, SizePlan, field_file_stems, group_feature_name
 from embdim.trainer.io import atomic_save_npy
+
+FeatureNames = Union[Mapping[str, str], Sequence[str], None]
+"""A field renaming: ``{plan field: pipeline name}`` (fields not listed keep their names), or one
+pipeline name per plan field in plan order, or ``None`` (the plan's names)."""
 
 
 class RemapError(ValueError):
     """A batch does not fit the plan (missing field, id out of range); the message names the field."""
 
 
-def retrain_feature_names(plan: SizePlan) -> list[str]:
+def retrain_feature_names(plan: SizePlan, feature_names: FeatureNames = None) -> list[str]:
     """KJT keys of the retrain model, in plan field order and group order (pruned fields have none)."""
+    plan = rename_plan(plan, feature_names)
     return [group_feature_name(f.name, k, len(f.groups)) for f in plan.fields for k in range(len(f.groups))]
+
+
+def rename_plan(plan: SizePlan, feature_names: FeatureNames, source: str = "feature_names") -> SizePlan:
+    """The plan with its fields renamed to a pipeline's names (a copy; the id groups are shared).
+
+    ``feature_names`` is ``{plan field: new name}`` (unlisted fields keep their names) or a list of
+    one new name per plan field, in plan order; ``None`` returns ``plan`` itself. Renamed plans are
+    validated: two fields may not end up with one name, nor a group feature (``<name>@g<k>``) with
+    another field's name.
+    """
+    if feature_names is None:
+        return plan
+    old = [f.name for f in plan.fields]
+    if isinstance(feature_names, Mapping):
+        unknown = [k for k in feature_names if k not in old]
+        if unknown:
+            raise PlanError(f"{source}: {unknown} are not fields of the plan; its fields are {old}")
+        new = [feature_names.get(name, name) for name in old]
+    elif isinstance(feature_names, Sequence) and not isinstance(feature_names, (str, bytes)):
+        new = list(feature_names)
+        if len(new) != len(old):
+            raise PlanError(f"{source}: {len(new)} names for the plan's {len(old)} fields {old}")
+    else:
+        raise PlanError(f"{source}: expected a dict {{plan field: name}} or a list of names, "
+                        f"got {type(feature_names).__name__}")
+    for before, after in zip(old, new):
+        if not isinstance(after, str) or not after:
+            raise PlanError(f"{source}: field {before!r} is renamed to {after!r}; names must be non-empty strings")
+    clashes = sorted({n for n in new if new.count(n) > 1})
+    if clashes:
+        raise PlanError(f"{source}: several fields are renamed to {clashes}")
+    renamed = dataclasses.replace(plan, fields=[dataclasses.replace(f, name=n) for f, n in zip(plan.fields, new)])
+    renamed.validate(source)
+    return renamed
 
 
 def build_lookup(num_embeddings: int, groups_ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -127,6 +175,8 @@ class IdRemapper:
 
     Args:
         plan (SizePlan): the size plan of the retrain model.
+        feature_names (dict[str, str] | list[str] | None): the pipeline's names of the plan's fields
+            (see ``rename_plan``); inputs and outputs then use these names (``cat_0``, ``cat_0@g1``).
         cache_dir (str | Path | None): folder for memory-mapped lookups of large fields; when set,
             fields with at least ``mmap_min_rows`` ids keep their lookup in
             ``cache_dir/<field>.lookup.npy`` (written atomically here) and loader processes that
@@ -136,16 +186,21 @@ class IdRemapper:
 
     Call ``remapper(features, batch_size)`` with ``features[field] = (values int64, lengths int32)``;
     it returns the same structure keyed by ``retrain_feature_names(plan)``. Fields kept whole at one
-    width are passed through untouched.
+    width are passed through untouched. ``remapper(kjt)`` and ``remapper(batch)`` take a TorchRec
+    ``KeyedJaggedTensor`` or ``Batch`` and return the remapped KJT / a copy of the batch holding it
+    (``embedding_methods.remap_kjt``).
 
     Example::
 
         remapper = IdRemapper(load_plan("run/plan.json"))
         out = remapper({"C1": (np.array([5, 7, 9]), np.array([1, 2], dtype=np.int32))}, batch_size=2)
+        batch = remapper(batch)                 # torchrec.datasets.utils.Batch -> Batch
     """
 
-    def __init__(self, plan: SizePlan, *, cache_dir: str | Path | None = None, mmap_min_rows: int = 1 << 22) -> None:
+    def __init__(self, plan: SizePlan, *, feature_names: FeatureNames = None, cache_dir: str | Path | None = None,
+                 mmap_min_rows: int = 1 << 22) -> None:
         plan.validate("IdRemapper plan")
+        plan = rename_plan(plan, feature_names, "IdRemapper feature_names")
         self.feature_names = retrain_feature_names(plan)
         self._fields: list[_FieldRemap] = []
         for f, stem in zip(plan.fields, field_file_stems(plan)):
@@ -167,8 +222,20 @@ class IdRemapper:
         """Raw fields this remapper expects, in plan order."""
         return [f.name for f in self._fields]
 
-    def __call__(self, features: dict[str, tuple[np.ndarray, np.ndarray]],
-                 batch_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def __call__(self, features: Any, batch_size: int | None = None) -> Any:
+        """Remaps a dict of ``(values, lengths)`` arrays (``batch_size`` rows), a KJT or a ``Batch``."""
+        if isinstance(features, Mapping):
+            if batch_size is None:
+                raise TypeError("IdRemapper: a dict of (values, lengths) arrays needs batch_size")
+            return self.remap_arrays(features, batch_size)
+        # TorchRec inputs: torch is imported only here, so numpy-only loader processes stay light.
+        from embdim.embedding_methods.remap_kjt import remap_torchrec
+
+        return remap_torchrec(self, features)
+
+    def remap_arrays(self, features: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                     batch_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The numpy path of ``__call__``: ``{field: (values, lengths)}`` -> ``{feature: (values, lengths)}``."""
         missing = [f.name for f in self._fields if f.name not in features]
         if missing:
             raise RemapError(f"IdRemapper: batch lacks field(s) {missing} of the plan; it has {sorted(features)}")

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
-exec python -m pytest -q tests "$@"
+# -rs: list every skipped test with its reason (e.g. ../shared/data absent outside CI).
+exec python -m pytest -q -rs tests "$@"

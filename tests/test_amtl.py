@@ -14,6 +14,7 @@ from embdim.embedding_methods.amtl import (AMTL, INITIAL_LOGIT, AMTLMaskNet, amt
 from embdim.embedding_methods.base import FieldSpec
 from embdim.embedding_methods.grouping import field_plan_from_widths, widths_from_field_plan
 from embdim.embedding_methods.mask_aware import LocalSearchContext, side_features, side_table_rows
+from tests.tolerance import assert_close_sums
 
 D = 16
 FIELDS = [FieldSpec("a", 40, multi_hot=True), FieldSpec("b", 30)]
@@ -376,12 +377,12 @@ def test_batched_mask_nets_equal_the_per_field_formulas(order: str, split_weight
     ((want * coef).sum() + 3.0 * want_penalty).backward()
 
     assert torch.equal(got, want)  # the same 0/1 mask times the same rows
-    torch.testing.assert_close(penalty, want_penalty, rtol=1e-6, atol=0)
+    torch.testing.assert_close(penalty, want_penalty, rtol=1e-5, atol=0)  # a sum of 300 positive terms
     torch.testing.assert_close(got_grads[0], rows.grad, rtol=0, atol=0)  # g * mask, exactly
     for g, (name, _) in zip(got_grads[1:], net.named_parameters()):
         kind, j = name.split("_")  # weight_<layer> / bias_<layer>
         ref = torch.stack([torch.stack([getattr(_linears(mlp)[int(j)], kind).grad for mlp in mlps]) for mlps in nets])
-        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)
+        assert_close_sums(g, ref)
     assert all(float(g.abs().sum()) > 0 for g in got_grads[1:])
 
 
@@ -398,7 +399,7 @@ def test_masked_rows_equals_the_composed_formula() -> None:
     want = rows * cumulative_width_mask(straight_through_one_hot(torch.softmax(logits, -1)))
     (want * coef).sum().backward()
     assert torch.equal(got, want)
-    torch.testing.assert_close(got_grads[0], logits.grad, rtol=1e-6, atol=1e-7)
+    assert_close_sums(got_grads[0], logits.grad)
     assert torch.equal(got_grads[1], rows.grad)
 
 
@@ -438,9 +439,9 @@ def test_search_module_equals_per_id_reference() -> None:
         ref.append(torch.stack(pooled))
     ref = torch.cat(ref, dim=1)
     (ref * coef).sum().backward()
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert_close_sums(out, ref)
     for got, p in zip(got_grads, module.mask_net.parameters()):
-        torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6)
+        assert_close_sums(got, p.grad)
 
 
 def test_penalty_buckets_fields_by_distinct_counts() -> None:
@@ -461,4 +462,4 @@ def test_penalty_buckets_fields_by_distinct_counts() -> None:
         values, mult = np.unique(field_counts[f.name], return_counts=True)
         probs = net.probs(f.name, torch.from_numpy(side_features(values, field_counts[f.name])))
         want = want + (torch.from_numpy(mult).float() * (probs @ widths)).sum()
-    torch.testing.assert_close(net.expected_param_fraction(), want / (3060 * D), rtol=1e-6, atol=0)
+    torch.testing.assert_close(net.expected_param_fraction(), want / (3060 * D), rtol=1e-5, atol=0)

@@ -31,8 +31,7 @@ def test_default_toml_matches_dataclass_defaults():
 def test_methods_toml_matches_dataclass_defaults(tmp_path):
     # configs/methods.toml lists the search/retrain/method sections at their defaults; together
     # with default.toml it is a complete run config.
-    import tomllib
-
+    from embdim.trainer.config import tomllib  # tomli on Python 3.10
     from embdim.trainer.phases import RunConfig
 
     methods = (REPO / "configs" / "methods.toml").read_text()

@@ -17,11 +17,16 @@ Example TOML::
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: tomli is the same parser (3.11 vendored it as tomllib); setup.py requires it there
+    import tomli as tomllib
 
 
 class ConfigError(ValueError):

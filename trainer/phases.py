@@ -45,6 +45,7 @@ from embdim.embedding_methods.plan import LAYOUTS, PlanError, SizePlan, load_pla
 from embdim.embedding_methods.pme import PME
 from embdim.embedding_methods.remap import IdRemapper
 from embdim.sharding import state as sharded_state
+from embdim.sharding.compact import write_compact_state
 from embdim.trainer.config import Config, ConfigError, _check
 from embdim.trainer.data.manifest import Manifest, load_counts, load_manifest
 from embdim.trainer.distributed import DistEnv
@@ -322,33 +323,6 @@ def _check_plan_matches(plan: SizePlan, manifest: Manifest, plan_path: Path, dat
                             f"has {expected}")
 
 
-def _copy_block(row: int, col: int, block: torch.Tensor, full: torch.Tensor) -> None:
-    # Row-wise sharding pads the last shard past num_embeddings; padding rows keep their values.
-    num_rows = max(0, min(block.shape[0], full.shape[0] - row))
-    block[:num_rows] = full[row:row + num_rows, col:col + block.shape[1]].to(block)
-
-
-def _load_init_weights(trainer: Trainer, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Writes a retrain module state_dict into the sharded model: tables shard by shard, the
-    replicated projections directly (every rank holds the same file)."""
-    module = trainer.sparse_module
-    live = dict(module.named_parameters())
-    with torch.no_grad():
-        for key, value in state.items():
-            if key.startswith("ebc.embedding_bags.") and key.endswith(".weight"):
-                table = key[len("ebc.embedding_bags."):-len(".weight")]
-                rows, cols = sharded_state.table_shape(trainer.model, table)
-                if tuple(value.shape) != (rows, cols):
-                    raise PlanError(f"{source}: {key} has shape {tuple(value.shape)}, the plan's table is {(rows, cols)}")
-                sharded_state.write_rows(trainer.model, table, lambda r, c, block, v=value: _copy_block(r, c, block, v))
-            elif key in live:
-                if tuple(live[key].shape) != tuple(value.shape):
-                    raise PlanError(f"{source}: {key} has shape {tuple(value.shape)}, expected {tuple(live[key].shape)}")
-                live[key].copy_(value.to(live[key]))
-            else:
-                raise PlanError(f"{source}: unexpected key {key!r} for the plan's module")
-
-
 def run_retrain(config: RunConfig, dataset_dir: str | Path, plan_path: str | Path, out_dir: str | Path,
                 env: DistEnv) -> dict[str, Any]:
     """Trains the compact model of a size plan; writes ``metrics.json`` and ``compact_embedding.pt``."""
@@ -370,7 +344,7 @@ def run_retrain(config: RunConfig, dataset_dir: str | Path, plan_path: str | Pat
     from_plan = config.retrain.init == "plan" and init is not None
     if from_plan and trainer.resume() is None:
         state = torch.load(init, map_location="cpu", weights_only=True)
-        _load_init_weights(trainer, state, init)
+        write_compact_state(trainer.sparse_module, state, init)
         logger.info("retrain starts from %s", init)
         if _continues_search(plan.method):
             # The compact tables compute what the trained search model computed; they belong with
