@@ -15,7 +15,7 @@ to the common width D (``embedding_methods.mixed_dim``). It adds:
   (one reduction and one host sync each).
 - ``compact_source``: where ``load_compact_embedding`` found the retrained weights, so that
   ``embdim.sharding.restore_compact_weights(dmp_model)`` can write them into the sharded model
-  (``DistributedModelParallel`` builds fresh sharded tables; torchrec.md, "Loaded weights and DMP").
+  (``DistributedModelParallel`` builds fresh sharded tables; docs/torchrec-notes.md#dmp-re-init).
   A module with a source whose sharded tables got neither that call nor a ``load_state_dict``
   (e.g. from a DCP checkpoint) warns on its first batch: it would train fresh tables.
 
@@ -23,7 +23,7 @@ The common width D is the class's ``embedding_dim`` (the plan's; the dense arch 
 
 The check runs through ``check_compact_input``, an ``torch.fx.wrap``-ed function, so the train
 pipeline's fx trace records it as one opaque node and the KJT still reaches the inner collection
-straight from the batch (torchrec.md Sec. 3.4).
+straight from the batch (docs/torchrec-notes.md#pipelining).
 """
 
 from __future__ import annotations

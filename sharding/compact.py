@@ -2,7 +2,7 @@
 
 ``DistributedModelParallel`` builds fresh sharded tables: weights loaded into the compact module's
 inner ``EmbeddingBagCollection`` before wrapping are gone afterwards, and a module built on
-``meta`` loads nothing (torchrec.md, "Loaded weights and DMP"). The projections are dense and
+``meta`` loads nothing (docs/torchrec-notes.md#dmp-re-init). The projections are dense and
 keep what they held (random on ``meta``). ``restore_compact_weights`` writes a run's retrained
 ``state_dict`` back after wrapping: every table shard by shard into this rank's live shards (no
 collective; ``sharding.state``), the dense parameters whole (every rank reads the same file, so

@@ -1,4 +1,4 @@
-"""Converters on small logs that the tests write themselves (no ../shared needed): Criteo TSV
+"""Converters on small logs that the tests write themselves (no real-data folder needed): Criteo TSV
 (also gzipped), Avazu CSV and a generic CSV, through the Python API and the ``embdim data`` CLI,
 each row checked against the plain-Python reference of ``tests/test_convert.py``."""
 

@@ -263,7 +263,7 @@ def _replay_body(rank: int, world_size: int, run_dir: str, ckpt_root: str) -> No
                 break
         assert len(losses) == 6 and all(np.isfinite(losses)), losses
         assert len(pipeline._pipelined_modules) == 1  # the compact module's inner collection
-        pipeline.detach()  # direct calls of the sharded model again (torchrec.md fact 9)
+        pipeline.detach()  # direct calls of the sharded model again (docs/torchrec-notes.md#pipelining)
         model.eval()
         with torch.no_grad():
             trained = model(probe)[1][1]
