@@ -44,16 +44,15 @@ def _groups(ids: range, width: int) -> GroupPlan:
     return GroupPlan(width, np.asarray(list(ids), dtype=np.int64))
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """``embdim search --method fixed``, its plan split into id groups with pruned ids, then
-    ``embdim retrain`` of that plan (one process): a run folder as a user gets it."""
-    root = tmp_path_factory.mktemp("replay")
+def _make_run(tmp_path_factory, layout: str) -> Path:
+    """``embdim search --method fixed`` in ``layout``, its plan split into id groups with pruned
+    ids, then ``embdim retrain`` of that plan (one process): a run folder as a user gets it."""
+    root = tmp_path_factory.mktemp(f"replay_{layout}")
     data = root / "data"
     write_tiny_dataset(data, num_rows={"train": 1024, "valid": 256, "test": 256})
     search = root / "search"
     assert main(["search", "--data", str(data), "--method", "fixed", "--budget", "0.6", "--out", str(search),
-                 *SETS]) == 0
+                 "--set", f"search.layout={layout}", *SETS]) == 0
     plan = load_plan(search)
     groups = {
         "c0": [_groups(range(0, 20), 16), _groups(range(20, 36), 8)],   # 36..39 pruned
@@ -68,7 +67,20 @@ def run_dir(tmp_path_factory) -> Path:
     assert main(["retrain", "--data", str(data), "--plan", str(run / "plan.json"), "--out", str(run / "retrain"),
                  *SETS]) == 0
     assert (run / "retrain" / "compact_embedding.pt").exists()
+    assert load_plan(run).layout == layout
     return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A retrained run in the project layout (the one with dense parameters besides the tables)."""
+    return _make_run(tmp_path_factory, "project")
+
+
+@pytest.fixture(scope="module")
+def pad_run_dir(tmp_path_factory) -> Path:
+    """A retrained run in the pad layout (the default of every method but MDE: tables only)."""
+    return _make_run(tmp_path_factory, "pad")
 
 
 class TinyRecDataset(IterableDataset):
@@ -246,9 +258,11 @@ def _replay_body(rank: int, world_size: int, run_dir: str, ckpt_root: str) -> No
     for interaction in ("dot", "dcn"):
         torch.manual_seed(rank)
         module, model, optimizer, dense = _build(run_dir, interaction, restore=True)
-        # The fused optimizer holds the tables only; the projections train with the dense one.
+        # The fused optimizer holds the tables only; the projections (project layout) train with
+        # the dense one; under pad the module has no dense parameter at all.
         projections = [n for n in dense.params if ".projection." in n]
-        assert projections and not any(".projection." in n for n in model.fused_optimizer.params)
+        assert bool(projections) == (load_plan(run_dir).layout == "project")
+        assert not any(".projection." in n for n in model.fused_optimizer.params)
         assert all("embedding_bags" in n for n in model.fused_optimizer.params)
         torch.testing.assert_close(_embedding_output(model, probe.sparse_features),
                                    reference(probe.sparse_features).values(), rtol=1e-5, atol=1e-5)
@@ -288,8 +302,10 @@ def _replay_body(rank: int, world_size: int, run_dir: str, ckpt_root: str) -> No
     assert records.messages == []  # restored or loaded from the checkpoint: no fresh-table warning
 
 
-def test_golden_training_replay_with_compact_module(run_dir, tmp_path):
-    run_multiprocess(_replay_body, world_size=2, run_dir=str(run_dir), ckpt_root=str(tmp_path))
+@pytest.mark.parametrize("layout", ["project", "pad"])
+def test_golden_training_replay_with_compact_module(layout, run_dir, pad_run_dir, tmp_path):
+    chosen = run_dir if layout == "project" else pad_run_dir
+    run_multiprocess(_replay_body, world_size=2, run_dir=str(chosen), ckpt_root=str(tmp_path))
 
 
 # --- input that skipped the remapper ----------------------------------------------------------------
