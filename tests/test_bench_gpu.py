@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.bench_gpu import main, render
 
 VARIANTS = ["plain", "full", "full_parquet", "search_pme", "compact_pme", "compact_fixed", "search_mlet",
             "plain_d16", "ebc_d16", "ebc_compact_fixed"]
 
 
+@pytest.mark.slow
 def test_every_variant_is_timed_beside_plain_torchrec(tmp_path):
     out = tmp_path / "bench"
     code = main(["--ranks", "2", "--rows-per-table", "600", "--dim", "32", "--batch-sizes", "128",
@@ -69,6 +72,7 @@ def test_reference_widths_are_checked_before_anything_runs(capsys):
     assert "plain_d30" in err and "multiple of 4" in err
 
 
+@pytest.mark.slow
 def test_capped_plain_layouts_fp16_and_multi_hot(tmp_path):
     import pytest
 

@@ -115,6 +115,7 @@ def tiny_planted(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_driver_end_to_end(tiny_planted, tmp_path):
     out = tmp_path / "q"
     argv = ["--data", str(tiny_planted), "--methods", "fixed,pme", "--budgets", str(BUDGET),
@@ -206,6 +207,7 @@ def test_driver_owns_the_seed_keys(tiny_planted, tmp_path, capsys):
         bq.main(["--data", str(tiny_planted), "--out", str(tmp_path), "--methods", "fixed,nope"])
 
 
+@pytest.mark.slow
 def test_synthetic_dataset_is_generated_once_and_checked(tmp_path):
     args = argparse.Namespace(synth_out=str(tmp_path / "synth"), synth_rows=2000, synth_seed=0,
                               synth_cardinality_cap=50, synth_preset="criteo", synth_multi_hot_fields=0)

@@ -98,6 +98,7 @@ def _gather_keys(tree: dict) -> list[set]:
     return out
 
 
+@pytest.mark.slow
 def test_save_and_restore_equality_across_plans(tiny, tmp_path):
     run_multiprocess(_restore_body, world_size=2, data=str(tiny), run_dir=str(tmp_path / "run"))
 
@@ -129,6 +130,7 @@ def assert_every_row_once(run: Path, data: Path, *, epochs: int, steps: int) -> 
     return account
 
 
+@pytest.mark.slow
 def test_exact_resume_after_failure_and_on_one_rank(tiny, tmp_path, capfd):
     # 2 epochs of 16 steps per rank; checkpoints every 5 steps; validation every 4 steps, so the
     # pipeline is detached and re-attached mid-epoch too.

@@ -145,6 +145,7 @@ def _sharded_body(rank: int, world_size: int, data: str) -> None:
         shard_model(build_model(config.model, manifest, device=env.device), env, config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_sharded_tbe_stores_fp16_weights(tiny, world_size):
     run_multiprocess(_sharded_body, world_size=world_size, data=str(tiny))
@@ -156,6 +157,7 @@ def _train(data: Path, run: Path, *overrides: str, nproc: int = 2) -> int:
                  *_sets(*overrides)])
 
 
+@pytest.mark.slow
 def test_fp16_training_checkpoint_and_resume(tiny, tmp_path, capfd):
     common = ["model.table_dtype=fp16", "sharding.sharding_type=row_wise", "train.epochs=2",
               "train.checkpoint_every=5", "train.keep_checkpoints=0"]
@@ -200,6 +202,7 @@ def test_fp16_training_checkpoint_and_resume(tiny, tmp_path, capfd):
     assert c["test_logloss"] == pytest.approx(a["test_logloss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_retrain_with_fp16_compact_tables(tiny, tmp_path):
     from embdim.embedding_methods import load_compact_embedding, load_plan
 

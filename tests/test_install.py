@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +21,7 @@ def _python(code: str, *, path_first: Path | None = None, args: tuple[str, ...] 
     return subprocess.run(command, env=env, cwd=path_first or REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_users_trainer_launch_and_sharding_packages_do_not_collide(tmp_path):
     """A user's top-level ``trainer``, ``launch`` and ``sharding`` packages (first on the path, and
     the working directory) neither shadow embdim's nor get shadowed by them."""
@@ -47,6 +50,7 @@ print("ok", embdim.embedding_methods.__name__)
     assert "search" in cli.stdout and "retrain" in cli.stdout
 
 
+@pytest.mark.slow
 def test_the_numpy_side_imports_without_torch(tmp_path):
     """Data-loader processes unpickle an ``IdRemapper``: the plan, the remapper and the package
     root must import (and remap) with torch unavailable."""
@@ -90,6 +94,7 @@ def test_python_3_10_gets_tomli_from_every_install_path():
         assert marker.search((REPO / name).read_text()), f"{name} does not install tomli on Python < 3.11"
 
 
+@pytest.mark.slow
 def test_config_loads_through_tomli_without_tomllib():
     """The Python 3.10 path of ``trainer.config``: no ``tomllib``, ``tomli`` instead (here the
     same parser under its 3.10 name)."""
@@ -122,6 +127,7 @@ def test_missing_shared_data_skips_with_a_reason_and_fails_under_ci(tmp_path):
     assert "-rs" in (REPO / "scripts" / "test.sh").read_text()  # skip reasons show in the summary
 
 
+@pytest.mark.slow
 def test_every_public_name_imports_from_embdim_and_is_in_the_readme():
     """``embdim`` re-exports the pipeline API lazily: importing it loads no torch, and every name
     it lists resolves and is documented in the README's pipeline section."""

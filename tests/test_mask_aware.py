@@ -354,6 +354,7 @@ def _sharded_body(rank: int, world_size: int) -> None:
                 assert (x.ids is None and y.ids is None) or np.array_equal(x.ids, y.ids)
 
 
+@pytest.mark.slow
 def test_sharded_matches_unsharded_gloo() -> None:
     run_multiprocess(_sharded_body, world_size=2)
 

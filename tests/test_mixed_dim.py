@@ -460,6 +460,7 @@ def _sharded_body(rank: int, world_size: int, plan_dir: str) -> None:
     pipeline.detach()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["project", "pad"])
 def test_sharded_equals_unsharded_and_pipelines(tmp_path, layout: str) -> None:
     save_plan(toy_plan(layout), tmp_path)

@@ -46,6 +46,7 @@ def runs(tiny, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_search_then_retrain(runs, method):
     run = runs[method]
@@ -81,6 +82,7 @@ def test_search_then_retrain(runs, method):
         assert metrics["steps"] > 0
 
 
+@pytest.mark.slow
 def test_compact_module_trains_in_unmodified_dlrm(runs, tiny):
     """The retrained module stands in for the EmbeddingBagCollection of torchrec's own DLRM."""
     from torchrec.models.dlrm import DLRM
@@ -112,6 +114,7 @@ def test_compact_module_trains_in_unmodified_dlrm(runs, tiny):
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8
 
 
+@pytest.mark.slow
 def test_retrain_rejects_plan_of_another_dataset(runs, tmp_path, capsys):
     other = tmp_path / "other"
     write_tiny_dataset(other, num_rows={"train": 512, "valid": 128, "test": 128})
@@ -135,6 +138,7 @@ def test_unknown_method_names_the_choices(tiny, tmp_path, capsys):
     assert "autodim" in err and "optembed" in err and "pme" in err
 
 
+@pytest.mark.slow
 def test_amtl_warm_starts_from_a_trained_baseline(tiny, tmp_path):
     """``embdim search --method amtl --init-from`` adds the layer to an already trained model."""
     base = tmp_path / "base"
@@ -157,6 +161,7 @@ def test_amtl_warm_starts_from_a_trained_baseline(tiny, tmp_path):
     assert load_plan(run / "plan.json").method == "amtl"
 
 
+@pytest.mark.slow
 def test_resumed_optembed_search_still_rewinds(tiny, tmp_path):
     """A search killed mid-way and rerun resumes from its checkpoint and still rewinds the retrain
     start to the step-0 supernet (OptEmbed's default retrain_init="rewind")."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 
 import embdim.sharding.planner as planner
@@ -46,6 +47,7 @@ def test_half_precision_comms_reach_the_sharders():
         planner.get_sharders("fp8")
 
 
+@pytest.mark.slow
 def test_fp16_comms_train_close_to_fp32_but_not_equal(tmp_path):
     """2 gloo ranks, table-wise: the fp16 all-to-all changes the numbers (the codec is in the
     path) but not the result (logloss within 0.01)."""

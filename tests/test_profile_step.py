@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.profile_step import main
+
+pytestmark = pytest.mark.slow  # starts processes or runs over ~3 s (tests/test_markers.py)
 
 
 def test_profiles_plain_and_compact_steps(tmp_path, capsys):

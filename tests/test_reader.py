@@ -180,6 +180,7 @@ def _two_rank_body(rank: int, world_size: int, dataset: str) -> None:
             out.values().sum().backward()
 
 
+@pytest.mark.slow
 def test_exactly_once_two_gloo_ranks_and_sharded_eval_with_empty_batch(dataset):
     run_multiprocess(_two_rank_body, world_size=2, dataset=str(dataset))
 
@@ -211,7 +212,8 @@ def test_rows_within_a_row_group_are_reshuffled_every_epoch(tmp_path):
     assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[0], np.arange(32))
 
 
-@pytest.mark.parametrize("num_workers,stop_after", [(0, 3), (2, 3), (2, 6)])
+@pytest.mark.parametrize("num_workers,stop_after", [(0, 3), pytest.param(2, 3, marks=pytest.mark.slow),
+                                                    pytest.param(2, 6, marks=pytest.mark.slow)])
 def test_mid_epoch_resume_gives_the_uninterrupted_batches(dataset, num_workers, stop_after):
     def make():
         return ParquetBatchReader(dataset, "train", batch_size=4, num_workers=num_workers, seed=5)
@@ -250,6 +252,7 @@ def _consume(readers, count):
     return rows, states[0]
 
 
+@pytest.mark.slow
 def test_resume_onto_other_world_size_keeps_exactly_once(dataset):
     # 2 ranks x 2 workers -> 1 rank in process: 2*3*4 rows consumed, 40 re-dealt into 10 batches of 4.
     two = [ParquetBatchReader(dataset, "train", batch_size=4, rank=r, world_size=2, num_workers=2, seed=7)

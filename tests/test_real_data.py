@@ -9,6 +9,8 @@ import pytest
 
 from embdim.launch.main import main
 
+pytestmark = pytest.mark.slow  # starts processes or runs over ~3 s (tests/test_markers.py)
+
 SMALL = ["data.batch_size=128", "train.epochs=2", "train.progress_bar=false", "train.log_every=20"]
 
 

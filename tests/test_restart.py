@@ -31,6 +31,7 @@ def _launch(data: Path, run: Path, *overrides: str, launch_flags: tuple[str, ...
                  "--out", str(run), *sets])
 
 
+@pytest.mark.slow
 def test_torchrun_max_restarts_resumes_and_matches_uninterrupted_run(uneven, tmp_path, capfd):
     common = ["train.epochs=2", "train.checkpoint_every=5", "train.keep_checkpoints=0",
               "sharding.sharding_type=row_wise", "train.sample_log=true"]

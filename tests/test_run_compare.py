@@ -35,6 +35,7 @@ def _run(tiny: Path, out: Path, *extra: str, method: str = "fixed") -> int:
                  "--nproc-per-node", "2", *SETS, *extra])
 
 
+@pytest.mark.slow
 def test_run_end_to_end_then_rerun_redoes_nothing(tiny, tmp_path):
     run = tmp_path / "run"
     assert _run(tiny, run) == 0
@@ -71,6 +72,7 @@ def test_run_rejects_another_method_in_the_same_folder(tiny, tmp_path, capsys):
     assert "run_state.json" in err and "mde" in err
 
 
+@pytest.mark.slow
 def test_interrupted_retrain_resumes_from_its_checkpoint(tiny, tmp_path):
     run = tmp_path / "run"
     fail_at = STEPS // 2
@@ -102,6 +104,7 @@ def test_interrupted_retrain_resumes_from_its_checkpoint(tiny, tmp_path):
     assert row["status"] == "done"
 
 
+@pytest.mark.slow
 def test_compare_grid_report_and_failing_cell(tiny, tmp_path):
     out = tmp_path / "cmp"
     code = main(["compare", "--data", str(tiny), "--methods", "fixed,mde", "--budgets", f"{BUDGET},0.05",

@@ -189,6 +189,7 @@ def _restore_body(rank: int, world_size: int, run_dir: str) -> None:
         torch.testing.assert_close(_embedding_output(dmp, batch.sparse_features), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_retrained_weights_survive_dmp_built_on_cpu_or_meta(run_dir):
     run_multiprocess(_restore_body, world_size=2, run_dir=str(run_dir))
 
@@ -302,6 +303,7 @@ def _replay_body(rank: int, world_size: int, run_dir: str, ckpt_root: str) -> No
     assert records.messages == []  # restored or loaded from the checkpoint: no fresh-table warning
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["project", "pad"])
 def test_golden_training_replay_with_compact_module(layout, run_dir, pad_run_dir, tmp_path):
     chosen = run_dir if layout == "project" else pad_run_dir
@@ -348,5 +350,6 @@ def _unremapped_body(rank: int, world_size: int, run_dir: str) -> None:
         assert done == steps, (batches, done)
 
 
+@pytest.mark.slow
 def test_unremapped_input_names_the_remapper_also_in_the_pipeline(run_dir):
     run_multiprocess(_unremapped_body, world_size=1, run_dir=str(run_dir))

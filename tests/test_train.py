@@ -14,6 +14,8 @@ from embdim.launch.main import main
 from tests.multiprocess import run_multiprocess
 from tests.tiny_data import FIELDS, write_tiny_dataset
 
+pytestmark = pytest.mark.slow  # starts processes or runs over ~3 s (tests/test_markers.py)
+
 DIM = 8
 TINY = ["data.batch_size=64", "data.eval_batch_size=128", "model.embedding_dim=8",
         "model.dense_arch_layer_sizes=[16, 8]", "model.over_arch_layer_sizes=[16, 1]",
