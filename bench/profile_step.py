@@ -285,9 +285,9 @@ def profile_variant(variant: str, args: argparse.Namespace, bargs: argparse.Name
     layout = ""
     if sparse is not None and hasattr(sparse, "inner_configs") and hasattr(sparse, "projection"):
         widths = collections.Counter(c.embedding_dim for c in sparse.inner_configs())
-        groups = [(name, len(slots)) for name, slots in sparse.projection._groups]
+        groups = [] if sparse.projection is None else [(name, len(slots)) for name, slots in sparse.projection.groups()]
         layout = (f"; {len(sparse.inner_configs())} inner tables, widths {dict(sorted(widths.items()))}, "
-                  f"projection groups {groups}")
+                  f"layout {sparse.layout}, projection groups {groups}")
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     print(f"\n=== {variant}: batch {args.batch_size}, D {args.dim}, device {env.device}, {args.steps} profiled steps"
           + (f", {step_ms:.2f} ms/step unprofiled" if step_ms is not None else "") + layout + " ===", flush=True)
