@@ -209,7 +209,7 @@ FAULT_SETS = [a for s in [*TINY, "train.log_every=0", "train.checkpoint_every=4"
               for a in ("--set", s)]
 
 
-def _train(data: Path, run: Path, *extra: str) -> int:
+def _train_1rank(data: Path, run: Path, *extra: str) -> int:
     return main(["train", "--data", str(data), "--out", str(run), *FAULT_SETS, *extra])
 
 
@@ -224,7 +224,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(damage, tiny, tm
     from embdim.trainer.checkpoint import Checkpointer
 
     run = tmp_path / "run"
-    assert _train(tiny, run) == 0
+    assert _train_1rank(tiny, run) == 0
     ckpt = run / "ckpt"
     assert (ckpt / "latest").read_text().strip() == "step_8" and (ckpt / "step_4").is_dir()
     newest = ckpt / "step_8"
@@ -245,7 +245,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(damage, tiny, tm
     (run / "metrics.json").unlink()
     caplog.clear()
     with caplog.at_level("WARNING"):
-        assert _train(tiny, run, "--set", "train.max_steps=12") == 0
+        assert _train_1rank(tiny, run, "--set", "train.max_steps=12") == 0
     warned = " ".join(r.getMessage() for r in caplog.records if "damaged checkpoint" in r.getMessage())
     assert str(newest) in warned and f"resuming from {ckpt / 'step_4'}" in warned, warned
     metrics = json.loads((run / "metrics.json").read_text())
@@ -254,22 +254,23 @@ def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(damage, tiny, tm
 
 def test_no_intact_checkpoint_is_an_error_naming_each(tiny, tmp_path, capsys):
     run = tmp_path / "run"
-    assert _train(tiny, run) == 0
+    assert _train_1rank(tiny, run) == 0
     for step in ("step_4", "step_8"):
         (run / "ckpt" / step / ".metadata").write_bytes(b"\x80\x04garbage")
     capsys.readouterr()
-    assert _train(tiny, run, "--set", "train.max_steps=12") == 2
+    assert _train_1rank(tiny, run, "--set", "train.max_steps=12") == 2
     err = _one_error(capsys)
     assert "no intact checkpoint" in err and "step_4" in err and "step_8" in err and "unreadable DCP metadata" in err
 
 
 def test_run_folder_of_another_width_or_dataset_is_refused(tiny, tmp_path, capsys):
     run = tmp_path / "run"
-    assert _train(tiny, run) == 0
+    assert _train_1rank(tiny, run) == 0
     (run / "metrics.json").unlink()
     before = sorted(p.name for p in (run / "ckpt").iterdir())
     capsys.readouterr()
-    assert _train(tiny, run, "--set", "model.embedding_dim=4", "--set", "model.dense_arch_layer_sizes=[16, 4]") == 2
+    narrower = ["--set", "model.embedding_dim=4", "--set", "model.dense_arch_layer_sizes=[16, 4]"]
+    assert _train_1rank(tiny, run, *narrower) == 2
     err = _one_error(capsys)
     assert str(run / "ckpt" / "step_8") in err and "another model" in err
     assert "model.embedding_dim=8 there, 4 here" in err
@@ -283,7 +284,7 @@ def test_run_folder_of_another_width_or_dataset_is_refused(tiny, tmp_path, capsy
     for split in ("train", "valid"):
         part = other / split / "part-00000.parquet"
         pq.write_table(pq.read_table(part).drop_columns(["i2"]), part)
-    assert _train(other, run) == 2
+    assert _train_1rank(other, run) == 2
     err = _one_error(capsys)
     assert "another dataset" in err and "dense columns ['i0', 'i1', 'i2'] there, ['i0', 'i1'] here" in err
     assert sorted(p.name for p in (run / "ckpt").iterdir()) == before  # nothing changed

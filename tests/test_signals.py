@@ -178,3 +178,43 @@ def test_kill_9_of_launch_leaves_no_rank_and_busy_folder_is_refused(data, tmp_pa
     assert _files(run) == files, "a rank went on writing checkpoints"
     with output_lock(run):  # the kernel released the dead launcher's lock
         pass
+
+
+def test_killed_dataset_builds_leave_nothing_behind(tmp_path, capsys):
+    out = tmp_path / "ds"
+    argv = ["data", "synth", "--out", str(out), "--rows", "4000000", "--workers", "2", "--no-progress"]
+
+    def started(proc: subprocess.Popen) -> None:  # the pool writes into the staging folder
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".ds.building-*/train/*")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+
+    proc, tag = _start(argv)
+    try:
+        started(proc)
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        assert not _wait_gone(tag, signalled + 10.0)
+    finally:
+        _cleanup(tag)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.decode().strip() == ("embdim: interrupted by SIGTERM; nothing was written to --out; rerun the same "
+                                    "command to build it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no staging folder, no lock file
+
+    proc, tag = _start(argv)
+    try:
+        started(proc)
+        proc.kill()  # SIGKILL: its staging folder stays, but no pool worker goes on writing into it
+        killed = time.monotonic()
+        proc.communicate(timeout=30)
+        assert not _wait_gone(tag, killed + 10.0)
+    finally:
+        _cleanup(tag)
+    left = sorted(p.name for p in tmp_path.iterdir())  # the dead build's staging folder and (unlocked) lock file
+    assert len(left) == 2 and left[0].startswith(".ds.building-") and left[1] == ".ds.lock", left
+    # The next build of the same --out removes it.
+    assert main(["data", "synth", "--out", str(out), "--rows", "2000", "--workers", "1", "--no-progress"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
