@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from embdim.launch.main import main
+from tests.cli_checks import one_error_line
 from tests.multiprocess import run_multiprocess
 from tests.tiny_data import write_tiny_dataset
 from embdim.trainer.data.manifest import load_manifest
@@ -213,12 +214,6 @@ def _train_1rank(data: Path, run: Path, *extra: str) -> int:
     return main(["train", "--data", str(data), "--out", str(run), *FAULT_SETS, *extra])
 
 
-def _one_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("embdim: error: ") and "Traceback" not in err, err
-    return err
-
-
 @pytest.mark.parametrize("damage", ["truncated shard", "truncated metadata", "truncated sidecar", "missing folder"])
 def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(damage, tiny, tmp_path, caplog):
     from embdim.trainer.checkpoint import Checkpointer
@@ -259,7 +254,7 @@ def test_no_intact_checkpoint_is_an_error_naming_each(tiny, tmp_path, capsys):
         (run / "ckpt" / step / ".metadata").write_bytes(b"\x80\x04garbage")
     capsys.readouterr()
     assert _train_1rank(tiny, run, "--set", "train.max_steps=12") == 2
-    err = _one_error(capsys)
+    err = one_error_line(capsys)
     assert "no intact checkpoint" in err and "step_4" in err and "step_8" in err and "unreadable DCP metadata" in err
 
 
@@ -271,7 +266,7 @@ def test_run_folder_of_another_width_or_dataset_is_refused(tiny, tmp_path, capsy
     capsys.readouterr()
     narrower = ["--set", "model.embedding_dim=4", "--set", "model.dense_arch_layer_sizes=[16, 4]"]
     assert _train_1rank(tiny, run, *narrower) == 2
-    err = _one_error(capsys)
+    err = one_error_line(capsys)
     assert str(run / "ckpt" / "step_8") in err and "another model" in err
     assert "model.embedding_dim=8 there, 4 here" in err
     other = tmp_path / "other"  # the same fields, one dense column less
@@ -285,7 +280,7 @@ def test_run_folder_of_another_width_or_dataset_is_refused(tiny, tmp_path, capsy
         part = other / split / "part-00000.parquet"
         pq.write_table(pq.read_table(part).drop_columns(["i2"]), part)
     assert _train_1rank(other, run) == 2
-    err = _one_error(capsys)
+    err = one_error_line(capsys)
     assert "another dataset" in err and "dense columns ['i0', 'i1', 'i2'] there, ['i0', 'i1'] here" in err
     assert sorted(p.name for p in (run / "ckpt").iterdir()) == before  # nothing changed
 
@@ -303,5 +298,5 @@ def test_damaged_plan_init_weights_are_named(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert main(["retrain", "--data", str(tiny), "--plan", str(run / "plan.json"), "--out", str(run / "retrain"),
                  *sets]) == 2
-    err = _one_error(capsys)
+    err = one_error_line(capsys)
     assert str(run / "plan_init.pt") in err and "damaged" in err and "retrain.init" in err

@@ -16,12 +16,10 @@ import embdim.trainer.io as io
 from embdim.launch.main import main
 from embdim.trainer.checkpoint import Checkpointer
 from embdim.trainer.io import StorageError, atomic_path, atomic_write_text
+from tests.cli_checks import one_error_line, set_flags
 from tests.tiny_data import write_tiny_dataset
 
-SMALL = ["data.batch_size=64", "data.eval_batch_size=128", "model.embedding_dim=8",
-         "model.dense_arch_layer_sizes=[8]", "model.over_arch_layer_sizes=[8, 1]",
-         "train.progress_bar=false", "train.log_every=0", "train.checkpoint_every=4", "train.max_steps=8"]
-SETS = [a for s in SMALL for a in ("--set", s)]
+SETS = set_flags("train.checkpoint_every=4", "train.max_steps=8")
 
 
 def _enospc() -> OSError:
@@ -33,14 +31,6 @@ def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("disk") / "data"
     write_tiny_dataset(out, num_rows={"train": 1024, "valid": 128, "test": 128})
     return out
-
-
-def _error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("embdim: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_atomic_write_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -81,7 +71,7 @@ def test_full_disk_during_a_checkpoint_then_resume(data, tmp_path, capsys, monke
 
     monkeypatch.setattr(os, "fsync", fsync)
     assert main(["train", "--data", str(data), "--out", str(run), *SETS]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert str(run / "ckpt" / ".step_8.tmp") in err and "no space left on device" in err, err
     assert "previous checkpoint (step_4) is intact" in err
     ckpt = run / "ckpt"
@@ -107,6 +97,6 @@ def test_full_disk_while_converting(tmp_path, capsys, monkeypatch):
     out = tmp_path / "ds"
     assert main(["data", "csv", "--input", str(src), "--out", str(out), "--label", "y", "--dense", "d0",
                  "--sparse", "s0", "--min-count", "1", "--no-progress"]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert "part-00000.parquet" in err and "no space left on device" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]  # no staging folder, no lock file

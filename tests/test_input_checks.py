@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 
 from embdim.launch.main import main
+from tests.cli_checks import one_error_line, set_flags
 from tests.tiny_data import write_tiny_dataset
 
-SMALL = ["data.batch_size=64", "data.eval_batch_size=128", "model.embedding_dim=8",
-         "model.dense_arch_layer_sizes=[8]", "model.over_arch_layer_sizes=[8, 1]",
-         "train.progress_bar=false", "train.log_every=0"]
-SETS = [a for s in SMALL for a in ("--set", s)]
+SETS = set_flags()
 
 
 @pytest.fixture
@@ -24,22 +22,16 @@ def data(tmp_path) -> Path:
     return out
 
 
-def _error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("embdim: error: ") and "Traceback" not in err, err
-    return err
-
-
 @pytest.mark.parametrize("method", ["pme", "amtl"])
 def test_missing_counts_are_found_before_the_search_trains(method, data, tmp_path, capsys):
     (data / "counts" / "c1.npy").unlink()
     run = tmp_path / "run"
     assert main(["search", "--data", str(data), "--method", method, "--budget", "0.5", "--out", str(run), *SETS]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert "counts/c1.npy" in err and "'c1'" in err and method in err
     assert not run.exists()  # nothing trained, no metrics.json, no empty folder
     assert main(["run", "--data", str(data), "--method", method, "--budget", "0.5", "--out", str(run), *SETS]) == 2
-    assert "counts/c1.npy" in _error(capsys) and not run.exists()
+    assert "counts/c1.npy" in one_error_line(capsys) and not run.exists()
     # A method that does not read them runs without.
     assert main(["search", "--data", str(data), "--method", "fixed", "--budget", "0.8", "--out", str(run), *SETS]) == 0
 
@@ -53,11 +45,11 @@ def test_plan_method_is_checked(data, tmp_path, capsys):
     capsys.readouterr()
     assert main(["retrain", "--data", str(data), "--plan", str(run / "plan.json"), "--out", str(run / "retrain"),
                  *SETS]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert "plan.json" in err and "method 'fixd'" in err and "fixed" in err
     assert not (run / "retrain").exists()
     assert main(["plan", "show", str(run)]) == 2
-    assert "method 'fixd'" in _error(capsys)
+    assert "method 'fixd'" in one_error_line(capsys)
 
 
 def test_renamed_dense_column_names_the_manifest_entry(data, tmp_path, capsys):
@@ -65,5 +57,5 @@ def test_renamed_dense_column_names_the_manifest_entry(data, tmp_path, capsys):
     raw["dense"] = ["i0", "i1", "ix"]  # the file's column is i2
     (data / "dataset.json").write_text(json.dumps(raw))
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *SETS]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert "missing column 'ix' (dense feature in dataset.json)" in err and "['i2'] not in dataset.json" in err

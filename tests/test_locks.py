@@ -19,12 +19,10 @@ import pytest
 from embdim.launch.launcher import repo_env
 from embdim.launch.main import main
 from embdim.trainer.io import LOCKED_ENV, held_locks_env, output_lock
+from tests.cli_checks import one_error_line, set_flags
 from tests.tiny_data import write_tiny_dataset
 
-SMALL = ["data.batch_size=64", "data.eval_batch_size=128", "model.embedding_dim=8",
-         "model.dense_arch_layer_sizes=[8]", "model.over_arch_layer_sizes=[8, 1]",
-         "train.progress_bar=false", "train.log_every=0"]
-SETS = [a for s in SMALL for a in ("--set", s)]
+SETS = set_flags()
 CSV = "y,d0,s0,s1\n1,0.5,a,x\n0,1.5,b,y\n1,2.0,a,x\n0,,c,y\n1,3.0,a,z\n0,0.1,b,x\n1,0.2,a,y\n0,0.3,c,x\n"
 CSV_FLAGS = ["--label", "y", "--dense", "d0", "--sparse", "s0,s1", "--min-count", "1", "--no-progress"]
 
@@ -42,13 +40,6 @@ def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("locks") / "data"
     write_tiny_dataset(out, num_rows={"train": 256, "valid": 64, "test": 64})
     return out
-
-
-def _error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("embdim: error: "), err
-    return lines[0]
 
 
 class _Holder:
@@ -70,14 +61,14 @@ def test_busy_run_folder_is_refused_and_freed_when_the_holder_dies(data, tmp_pat
     holder = _Holder(run)
     try:
         assert main(["train", "--data", str(data), "--out", str(run), *SETS]) == 2
-        err = _error(capsys)
+        err = one_error_line(capsys)
         assert str(run) in err and "in use by another embdim job" in err
         assert f"pid {holder.proc.pid}" in err and "embdim train --out held-by-test" in err
         assert main(["run", "--data", str(data), "--method", "fixed", "--budget", "0.5", "--out", str(run),
                      *SETS]) == 2
-        assert "in use by another embdim job" in _error(capsys)
+        assert "in use by another embdim job" in one_error_line(capsys)
         assert main(["launch", "--nproc-per-node", "1", "--", "train", "--data", str(data), "--out", str(run)]) == 2
-        assert "in use by another embdim job" in _error(capsys)  # refused before torchrun starts
+        assert "in use by another embdim job" in one_error_line(capsys)  # refused before torchrun starts
         assert sorted(p.name for p in run.iterdir()) == [".embdim.lock"]  # nothing written by the refused jobs
     finally:
         holder.kill()  # SIGKILL: the kernel drops the lock
@@ -111,7 +102,7 @@ def test_concurrent_dataset_builds_and_overwrite(tmp_path, capsys):
     holder = _Holder(out, inside=False)  # a build of the same --out in progress
     try:
         assert main(["data", "csv", "--input", str(src), "--out", str(out), *CSV_FLAGS]) == 2
-        err = _error(capsys)
+        err = one_error_line(capsys)
         assert str(out) in err and f"pid {holder.proc.pid}" in err
         assert not out.exists()
     finally:
@@ -121,7 +112,7 @@ def test_concurrent_dataset_builds_and_overwrite(tmp_path, capsys):
     before = (out / "dataset.json").read_text()
     # An existing dataset is not replaced without a word.
     assert main(["data", "csv", "--input", str(src), "--out", str(out), *CSV_FLAGS, "--min-count", "2"]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert str(out) in err and "already holds a dataset" in err and "--overwrite" in err
     assert (out / "dataset.json").read_text() == before
     assert main(["data", "csv", "--input", str(src), "--out", str(out), *CSV_FLAGS, "--min-count", "2",
@@ -147,22 +138,22 @@ def test_stale_build_folders_of_killed_builds_are_removed(tmp_path, capsys):
 def test_run_folder_is_not_the_dataset_nor_a_file(data, tmp_path, capsys):
     for out in (data, data / "runs" / "r1"):
         assert main(["train", "--data", str(data), "--out", str(out), *SETS]) == 2
-        err = _error(capsys)
+        err = one_error_line(capsys)
         assert "--out" in err and "dataset folder" in err
         assert main(["run", "--data", str(data), "--method", "fixed", "--budget", "0.5", "--out", str(out)]) == 2
-        assert "dataset folder" in _error(capsys)
+        assert "dataset folder" in one_error_line(capsys)
     assert not (data / "runs").exists() and not (data / ".embdim.lock").exists()
     other = tmp_path / "other_data"
     write_tiny_dataset(other, num_rows={"train": 64})
     assert main(["search", "--data", str(data), "--method", "fixed", "--out", str(other), *SETS]) == 2
-    assert "holds a dataset" in _error(capsys)
+    assert "holds a dataset" in one_error_line(capsys)
     afile = tmp_path / "notes.txt"
     afile.write_text("mine")
     assert main(["train", "--data", str(data), "--out", str(afile), *SETS]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert str(afile) in err and "is a file, not a folder" in err
     assert main(["train", "--data", str(data), "--out", str(afile / "run"), *SETS]) == 2
-    assert str(afile) in _error(capsys)
+    assert str(afile) in one_error_line(capsys)
     assert afile.read_text() == "mine"
 
 
@@ -170,7 +161,7 @@ def test_failed_train_leaves_no_empty_run_folder(data, tmp_path, capsys):
     run = tmp_path / "run"
     # Fails in the trainer, after the run folder was created and locked.
     assert main(["train", "--data", str(data), "--out", str(run), *SETS, "--set", "data.batch_size=100000"]) == 2
-    assert "data.batch_size" in _error(capsys)
+    assert "data.batch_size" in one_error_line(capsys)
     assert not run.exists()
     kept = tmp_path / "kept"  # a folder the user made stays
     kept.mkdir()
@@ -191,10 +182,10 @@ def test_unwritable_output_is_named_in_one_line(code, data, tmp_path, capsys, mo
 
     monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
     assert main(["train", "--data", str(data), "--out", str(run), *SETS]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert str(run) in err and ("permission denied" if code == errno.EACCES else "read-only file system") in err
     src = tmp_path / "in.csv"
     src.write_text(CSV)
     assert main(["data", "csv", "--input", str(src), "--out", str(run), *CSV_FLAGS]) == 2
-    assert "locked_down" in _error(capsys)
+    assert "locked_down" in one_error_line(capsys)
 
