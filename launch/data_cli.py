@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from embdim.trainer.data.writer import NEGATIVE_DENSE
+
 DEFAULT_SPLIT = "0.8,0.1,0.1"
 
 
@@ -52,7 +54,13 @@ def _summary(out: str, manifest) -> str:
     rows = ", ".join(f"{name}={info.num_rows}" for name, info in manifest.splits.items())
     mh = sum(1 for f in manifest.sparse if f.multi_hot)
     fields = f"{len(manifest.dense)} dense, {len(manifest.sparse)} sparse" + (f" ({mh} multi-hot)" if mh else "")
-    return f"wrote {manifest.source or 'dataset'} dataset to {out}: rows {rows}; fields {fields}"
+    text = f"wrote {manifest.source or 'dataset'} dataset to {out}: rows {rows}; fields {fields}"
+    clipped = manifest.extra.get("negative_dense_clipped") or {}
+    if clipped:
+        per_column = ", ".join(f"{c}: {n:,}" for c, n in clipped.items())
+        text += (f"; clipped {sum(clipped.values()):,} negative dense values to 0 ({per_column}; "
+                 f"--negative-dense signed-log keeps them, error refuses them)")
+    return text
 
 
 def _progress(args) -> bool:
@@ -66,6 +74,7 @@ def _synth(args) -> int:
         args.out, num_rows=args.rows, seed=args.seed, preset=args.preset, num_files=args.num_files,
         workers=args.workers, row_group_size=args.row_group_size, cardinality_cap=args.cardinality_cap,
         multi_hot_fields=args.multi_hot_fields, cardinalities=args.cardinalities, progress=_progress(args),
+        overwrite=args.overwrite,
     )
     print(_summary(args.out, m))
     return 0
@@ -75,7 +84,8 @@ def _criteo(args) -> int:
     from embdim.trainer.data.convert import convert_criteo
 
     m = convert_criteo(args.input, args.out, split=args.split, min_count=args.min_count,
-                       row_group_size=args.row_group_size, progress=_progress(args))
+                       row_group_size=args.row_group_size, progress=_progress(args), overwrite=args.overwrite,
+                       negative_dense=args.negative_dense)
     print(_summary(args.out, m))
     return 0
 
@@ -84,7 +94,7 @@ def _avazu(args) -> int:
     from embdim.trainer.data.convert import convert_avazu
 
     m = convert_avazu(args.input, args.out, split=args.split, min_count=args.min_count,
-                      row_group_size=args.row_group_size, progress=_progress(args))
+                      row_group_size=args.row_group_size, progress=_progress(args), overwrite=args.overwrite)
     print(_summary(args.out, m))
     return 0
 
@@ -96,7 +106,7 @@ def _csv(args) -> int:
         args.input, args.out, label=args.label, dense=args.dense, sparse=args.sparse,
         multi_hot=args.multi_hot, delimiter=args.delimiter, multi_hot_separator=args.multi_hot_separator,
         split=args.split, min_count=args.min_count, row_group_size=args.row_group_size,
-        progress=_progress(args),
+        progress=_progress(args), overwrite=args.overwrite, negative_dense=args.negative_dense,
     )
     print(_summary(args.out, m))
     return 0
@@ -109,12 +119,20 @@ def _data_help(parser: argparse.ArgumentParser):
     return handler
 
 
-def _add_common(p: argparse.ArgumentParser, *, converter: bool) -> None:
-    p.add_argument("--out", required=True, help="output dataset folder (built beside it, renamed at the end)")
+def _add_common(p: argparse.ArgumentParser, *, converter: bool, dense: bool = False) -> None:
+    p.add_argument("--out", required=True, help="output dataset folder (built beside it, renamed at the end; "
+                                                "one build at a time)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset that is already at --out")
     p.add_argument("--row-group-size", type=_positive_int, default=65536, help="rows per Parquet row group")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(interrupt_hint="nothing was written to --out; rerun the same command to build it")
+    if dense:
+        p.add_argument("--negative-dense", choices=list(NEGATIVE_DENSE), default="clip",
+                       help="dense values below 0: clip = log(1 + max(x, 0)), i.e. 0, counted in the summary "
+                            "(default, as the DLRM reference); signed-log = sign(x) log(1 + |x|); error = refuse them")
     if converter:
-        p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="input file(s), in order")
+        p.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                       help="input file(s), in order; text may be gzip/bz2/zstd-compressed (e.g. Criteo's day_N.gz)")
         p.add_argument("--split", default=DEFAULT_SPLIT,
                        help="train,valid,test fractions of the concatenated inputs (contiguous), "
                             "or 'files' with exactly 3 inputs (train valid test); default %(default)s")
@@ -144,7 +162,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("criteo", help="convert Criteo (Kaggle train.txt / 1TB day_N) tab-separated logs")
-    _add_common(p, converter=True)
+    _add_common(p, converter=True, dense=True)
     p.set_defaults(func=_criteo)
 
     p = sub.add_parser("avazu", help="convert Avazu CTR CSV logs (with header)")
@@ -152,7 +170,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_avazu)
 
     p = sub.add_parser("csv", help="convert any CSV (with header) or Parquet file with declared columns")
-    _add_common(p, converter=True)
+    _add_common(p, converter=True, dense=True)
     p.add_argument("--label", required=True, help="label column (values 0/1)")
     p.add_argument("--dense", type=_csv_list, default=[], metavar="COL,...", help="dense columns, comma-separated")
     p.add_argument("--sparse", type=_csv_list, default=[], metavar="COL,...", help="single-hot categorical columns, comma-separated")

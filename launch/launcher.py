@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 from pathlib import Path
+
+from embdim.launch.procs import supervised, torchrun_command
+from embdim.trainer.io import held_locks_env
 
 # The repository root (parent of launch/): put on the workers' PYTHONPATH so ``-m embdim.launch.main``
 # resolves even when embdim is not pip-installed.
@@ -98,16 +99,21 @@ def torchrun_env(args: argparse.Namespace, environ: dict[str, str] | None = None
 
 def repo_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of ``environ`` (default: ``os.environ``) with the repository root first on
-    PYTHONPATH, so a child's ``-m embdim.launch.main`` (or ``-m bench.*``) resolves without a pip install."""
-    env = dict(os.environ if environ is None else environ)
+    PYTHONPATH, so a child's ``-m embdim.launch.main`` (or ``-m bench.*``) resolves without a pip
+    install, and the output folders this process holds locked listed for the child (it writes
+    into them for this job: ``trainer.io.output_lock``)."""
+    env = held_locks_env(os.environ if environ is None else environ)
     path = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = str(_ROOT) + (os.pathsep + path if path else "")
     return env
 
 
 def run_torchrun(argv: list[str], env: dict[str, str] | None = None) -> int:
-    """Runs ``python -m torch.distributed.run ARGV`` and returns its exit code."""
-    return subprocess.call([sys.executable, "-m", "torch.distributed.run", *argv], env=repo_env(env))
+    """Runs torchrun with ``argv`` (its output on this process's stdout/stderr) and returns its
+    exit code. A signal to this process stops torchrun and every rank before it returns
+    (``launch.procs``)."""
+    with supervised(torchrun_command(argv), env=repo_env(env)) as proc:
+        return proc.wait()
 
 
 def launch(args: argparse.Namespace) -> int:

@@ -15,17 +15,22 @@ Rank-level subcommands (``train``) read their rank from torchrun's environment, 
 train ...`` work; without torchrun they run on one rank.
 
 Each subcommand lives in a ``register(subparsers)`` function listed in ``COMMANDS``; a handler
-takes the parsed arguments and returns the exit code. User errors (bad config, dataset, flags)
-print one ``embdim: error: ...`` line and return 2; ``EMBDIM_TRACEBACK=1`` re-raises them.
+takes the parsed arguments and returns the exit code. User errors (bad config, dataset, flags, an
+output folder another job holds, a path that cannot be written, a full disk) print one ``embdim:
+error: ...`` line and return 2; ``EMBDIM_TRACEBACK=1`` re-raises them. SIGINT, SIGTERM and SIGHUP
+stop the command and every process it started, print one ``embdim: interrupted by SIG...`` line
+saying how to resume, and return 128 + the signal number (``launch.procs``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,15 +38,18 @@ from typing import Callable
 
 from embdim.launch import data_cli, phases_cli, plan_cli, run_cli
 from embdim.launch.launcher import add_arguments as add_launch_arguments
-from embdim.launch.launcher import launch, run_torchrun, torchrun_argv
+from embdim.launch.launcher import torchrun_argv, torchrun_env, run_torchrun
+from embdim.launch.procs import AGENT_ENV, Interrupted, die_with_parent, interrupt_on_signals
 from embdim.trainer.checkpoint import CheckpointError
 from embdim.trainer.config import ConfigError, load_config
 from embdim.trainer.data.manifest import DatasetError, require_dataset
+from embdim.trainer.io import FolderBusy, StorageError, output_lock, storage_cause
 from embdim.trainer.logger import init_logger
 
 logger = logging.getLogger("embdim")
 
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ValueError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ValueError, FolderBusy, StorageError)
+RESUME_HINT = "rerun the same command to resume"
 
 # The demo: small enough for 2 CPU ranks on 2 cores in about a minute, big enough for the
 # planted signal of the synthetic data to show in the test AUC.
@@ -68,13 +76,14 @@ def _train(args: argparse.Namespace) -> int:
     # One TOML serves train, search and retrain: method sections are accepted (and unused) here.
     config = load_config(args.config, args.set, cls=RunConfig)
     data = require_dataset(args.data)
-    env = init_distributed()
-    try:
-        Trainer(config, data, args.out, env=env).fit()
-    except BaseException:
-        abort()  # peers may be blocked in a collective: an orderly destroy would hang (NCCL)
-        raise
-    destroy()
+    with phases_cli.run_output(args):
+        env = init_distributed()
+        try:
+            Trainer(config, data, args.out, env=env).fit()
+        except BaseException:
+            abort()  # peers may be blocked in a collective: an orderly destroy would hang (NCCL)
+            raise
+        destroy()
     return 0
 
 
@@ -87,10 +96,30 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------------------- launch
+RANK_COMMANDS = ("train", "search", "retrain")
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """torchrun with the subcommand; its arguments are parsed here first (a typo fails once, not
+    on every rank), and its ``--out`` is locked by this process for all ranks (one job per run
+    folder; ranks are told through ``EMBDIM_LOCKED``)."""
+    argv = torchrun_argv(args)
+    command = argv[argv.index("embdim.launch.main") + 1:]
+    try:
+        sub = build_parser().parse_args(command)
+    except SystemExit as e:  # argparse printed the usage and the error
+        return int(e.code or 0)
+    if getattr(sub, "command_name", None) not in RANK_COMMANDS:
+        return run_torchrun(argv, env=torchrun_env(args))
+    phases_cli.check_out(sub.out, sub.data)
+    with output_lock(sub.out):
+        return run_torchrun(argv, env=torchrun_env(args))
+
+
 def register_launch(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("launch", help="run a subcommand on N ranks per node through torchrun")
     add_launch_arguments(p)
-    p.set_defaults(func=launch)
+    p.set_defaults(func=_launch)
 
 
 # ---------------------------------------------------------------------------- demo
@@ -107,33 +136,33 @@ def _demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     data, run = out / "data", out / "run"
     start = time.perf_counter()
-    if (data / "dataset.json").exists():
-        print(f"demo: reusing the dataset in {data}")
-    else:
-        from embdim.trainer.data.synth import generate_synthetic
+    with output_lock(out):
+        if (data / "dataset.json").exists():
+            print(f"demo: reusing the dataset in {data}")
+        else:
+            from embdim.trainer.data.synth import generate_synthetic
 
-        print(f"demo: generating {args.rows} synthetic Criteo-shaped rows into {data}")
-        generate_synthetic(data, num_rows=args.rows, seed=args.seed, progress=False)
-    if run.exists():  # a fresh run: the trainer would otherwise resume the previous one
-        shutil.rmtree(run)
-    settings = [a for s in DEMO_SETTINGS for a in ("--set", s)]
-    phases = [
-        ("search", ["search", "--data", str(data), "--method", args.method, "--budget", str(args.budget),
-                    "--out", str(run), *settings]),
-        ("retrain", ["retrain", "--data", str(data), "--plan", str(run / "plan.json"), "--out", str(run / "retrain"),
-                     *settings]),
-    ]
-    for name, command in phases:
-        print(f"demo: {name} ({args.method}, budget {args.budget}) on 2 CPU ranks")
-        launch_args = argparse.Namespace(
-            nproc_per_node="2", nnodes=None, node_rank=None, rdzv_backend=None, rdzv_endpoint=None, rdzv_id=None,
-            max_restarts=None, master_addr=None, master_port=None, standalone=True, command=command,
-        )
-        # Two CPU ranks (gloo) even on a GPU host: the demo's point is to run anywhere.
-        code = run_torchrun(torchrun_argv(launch_args), env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-        if code != 0:
-            print(f"embdim: error: demo {name} failed with exit code {code}", file=sys.stderr)
-            return code
+            print(f"demo: generating {args.rows} synthetic Criteo-shaped rows into {data}")
+            generate_synthetic(data, num_rows=args.rows, seed=args.seed, progress=False)
+        if run.exists():  # a fresh run: the trainer would otherwise resume the previous one
+            shutil.rmtree(run)
+        settings = [a for s in DEMO_SETTINGS for a in ("--set", s)]
+        phases = [
+            ("search", ["search", "--data", str(data), "--method", args.method, "--budget", str(args.budget),
+                        "--out", str(run), *settings]),
+            ("retrain", ["retrain", "--data", str(data), "--plan", str(run / "plan.json"), "--out",
+                         str(run / "retrain"), *settings]),
+        ]
+        for name, command in phases:
+            log = run / "logs" / f"{name}.log"
+            print(f"demo: {name} ({args.method}, budget {args.budget}) on 2 CPU ranks (log: {log})", flush=True)
+            # Two CPU ranks (gloo) even on a GPU host: the demo's point is to run anywhere.
+            try:
+                run_cli.run_phase(name, command, 2, log, echo=args.verbose, env={"CUDA_VISIBLE_DEVICES": ""},
+                                  say=run_cli.phase_say(name, lambda m: print(f"demo: {m}", flush=True)))
+            except run_cli.PhaseFailed as e:
+                print(f"embdim: error: demo {e}", file=sys.stderr)
+                return 1
     searched = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else None
     metrics = json.loads((run / "retrain" / "metrics.json").read_text())
     if searched is not None:
@@ -153,7 +182,8 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="optembed", help="size method (default %(default)s)")
     p.add_argument("--budget", type=float, default=0.25,
                    help="fraction of the full-width embedding parameters (default %(default)s)")
-    p.set_defaults(func=_demo)
+    run_cli.add_verbose_argument(p)
+    p.set_defaults(func=_demo, interrupt_hint="rerun the same command to start the demo run again")
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -187,17 +217,37 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
+    # A torchrun rank keeps the default signal actions: its agent stops it with SIGTERM, which must
+    # end it at once even when it is blocked in a collective.
+    guard = contextlib.nullcontext() if "TORCHELASTIC_RUN_ID" in os.environ else interrupt_on_signals()
     try:
-        return int(args.func(args) or 0)
+        with guard:
+            return int(args.func(args) or 0)
+    except Interrupted as e:
+        print(f"embdim: {e}; {getattr(args, 'interrupt_hint', RESUME_HINT)}", file=sys.stderr, flush=True)
+        return e.exit_code
     except USER_ERRORS as e:
         if os.environ.get("EMBDIM_TRACEBACK") == "1":
             raise
         print(f"embdim: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as e:
+        # A file-system failure in a library's own write (a path not wrapped in StorageError).
+        path = getattr(e, "filename", None)
+        cause = storage_cause(e, path)
+        if cause is None or os.environ.get("EMBDIM_TRACEBACK") == "1":
+            raise
+        print(f"embdim: error: {path + ': ' if path else ''}{cause} ({e})", file=sys.stderr)
+        return 2
 
 
 def cli() -> None:
     """Console-script entry point (``embdim``)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # A torchrun rank dies with its agent (also one killed by SIGKILL, which cannot stop its
+        # workers itself): an orphaned rank would go on training and writing checkpoints.
+        agent = os.environ.get(AGENT_ENV, "")
+        die_with_parent(signal.SIGKILL, int(agent) if agent.isdigit() else None)
     code = main()
     if "TORCHELASTIC_RUN_ID" in os.environ:
         # A torchrun worker whose work is done (artifacts are written atomically and fsynced)

@@ -16,8 +16,11 @@ import sys
 def _show(args: argparse.Namespace) -> int:
     from embdim.embedding_methods.plan import load_plan, plan_file, summarize_plan
 
+    from embdim.launch.phases_cli import check_plan_method
+
     path = plan_file(args.plan)
     plan = load_plan(path)
+    check_plan_method(path)
     print(f"plan: {path}")
     print(summarize_plan(plan, table_dtype=args.table_dtype))
     return 0

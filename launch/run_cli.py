@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -41,10 +42,12 @@ from typing import Any
 
 from embdim.launch.data_cli import _positive_int
 from embdim.launch.launcher import repo_env, torchrun_argv
+from embdim.launch.procs import Interrupted, supervised, torchrun_command
 from embdim.trainer.config import ConfigError
 from embdim.trainer.data.manifest import DatasetError, load_manifest
 from embdim.trainer.io import atomic_write_json
-from embdim.launch.phases_cli import add_config_arguments
+from embdim.launch.phases_cli import add_config_arguments, check_out, require_counts
+from embdim.trainer.io import output_lock
 from embdim.trainer import report as rep
 
 RUN_PHASES = ("search", "retrain")
@@ -94,37 +97,86 @@ def error_message(log_text: str) -> str:
     return (primary or errors or [""])[0]
 
 
-def run_logged(argv: list[str], log_path: Path, header: str, *, echo: bool, cwd: Path | None = None) -> int:
-    """Runs ``argv`` (repository root on its PYTHONPATH) with stdout and stderr appended to
-    ``log_path`` under a ``=== <time> <header>`` line and, with ``echo``, copied to stdout;
-    returns the exit code. An interrupted caller terminates the child."""
+# A trainer log line (``trainer.logger`` format, ``rankN`` under torchrun).
+_LOG_LINE = re.compile(r"^\[embdim\] \S+ \S+ - (?:rank\d+ )?(embdim\.[\w.]+) - (INFO|WARNING|ERROR) - (.*)$")
+
+
+class ProgressLines:
+    """Picks, from a phase's output, what a quiet ``run``/``compare``/``demo`` shows: the trainer's
+    progress lines (``train step N epoch E: loss ...``, validation, resume) and embdim's own
+    warnings. Everything else (sharding plans, library deprecation warnings, torchrun's banner)
+    stays in the phase's log file."""
+
+    _INFO = (re.compile(r"^\w+ step \d+ epoch \d+: loss"), re.compile(r"^\w+ step \d+: valid auc"),
+             re.compile(r"^resumed from "), re.compile(r"^skipping damaged"))
+
+    def __init__(self, say) -> None:
+        self.say = say
+        self._tail = b""
+        self._warned: set[str] = set()  # every rank logs its warnings: show each once
+
+    def feed(self, chunk: bytes) -> None:
+        *lines, self._tail = (self._tail + chunk).replace(b"\r", b"\n").split(b"\n")
+        for raw in lines:
+            m = _LOG_LINE.match(raw.decode(errors="replace").strip())
+            if m is None:
+                continue
+            _, level, message = m.groups()
+            if level == "INFO":
+                if any(p.search(message) for p in self._INFO):
+                    self.say(message)
+            elif message not in self._warned:
+                self._warned.add(message)
+                self.say(f"{level.lower()}: {message}")
+
+
+def phase_say(name: str, say):
+    """``say`` for the progress lines of phase ``name``: prefixed with it, unless the trainer's
+    line already starts with it ("retrain step 16 ...")."""
+    return lambda message: say(message if message.startswith(f"{name} ") else f"{name}: {message}")
+
+
+def run_logged(argv: list[str], log_path: Path, header: str, *, echo: bool, cwd: Path | None = None,
+               env: dict[str, str] | None = None, progress: ProgressLines | None = None) -> int:
+    """Runs ``argv`` (repository root on its PYTHONPATH, ``env`` added to this process's
+    environment) with stdout and stderr appended to ``log_path`` under a ``=== <time> <header>``
+    line and, with ``echo``, copied to stdout (else the lines ``progress`` picks are shown);
+    returns the exit code. The child runs in its own session; when this call ends in any other way
+    than the child's exit (``Interrupted`` by a signal, an error), the child and all its
+    descendants are stopped before it returns (``launch.procs.supervised``)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # The log is a running record, not an artifact: appended as it comes, never replaced.
     with open(log_path, "ab") as log:
         log.write(f"\n=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {header}\n".encode())
         log.flush()
-        proc = subprocess.Popen(argv, cwd=cwd, env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
-            # read1 returns what is there: tqdm's carriage-return updates pass through unbuffered.
-            while chunk := proc.stdout.read1(65536):
-                log.write(chunk)
-                log.flush()
-                if echo:
-                    sys.stdout.write(chunk.decode(errors="replace"))
-                    sys.stdout.flush()
-            return proc.wait()
-        finally:
-            if proc.poll() is None:  # interrupted (Ctrl-C): do not leave the child running
-                proc.terminate()
-                proc.wait()
+            with supervised(argv, cwd=cwd, env=repo_env({**os.environ, **(env or {})}), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT) as proc:
+                # read1 returns what is there: tqdm's carriage-return updates pass through unbuffered.
+                while chunk := proc.stdout.read1(65536):
+                    log.write(chunk)
+                    log.flush()
+                    if echo:
+                        sys.stdout.write(chunk.decode(errors="replace"))
+                        sys.stdout.flush()
+                    elif progress is not None:
+                        progress.feed(chunk)
+                return proc.wait()
+        except Interrupted as e:
+            log.write(f"\n=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {e}: stopped every "
+                      f"process of the phase\n".encode())
+            raise
 
 
-def run_phase(name: str, command: list[str], nproc: int, log_path: Path, echo: bool) -> None:
+def run_phase(name: str, command: list[str], nproc: int, log_path: Path, echo: bool, *,
+              env: dict[str, str] | None = None, say=None) -> None:
     """Runs ``embdim COMMAND`` on ``nproc`` ranks through torchrun, copying the ranks' output to
     ``log_path`` (appended: a resumed phase keeps the interrupted attempt's lines above) and, with
-    ``echo``, to stdout. Raises ``PhaseFailed`` with the ranks' error on a non-zero exit."""
-    argv = [sys.executable, "-m", "torch.distributed.run", *torchrun_argv(_launch_namespace(nproc, command))]
-    code = run_logged(argv, log_path, f"embdim {' '.join(command)} (nproc {nproc})", echo=echo)
+    ``echo``, to stdout (else their progress lines go to ``say``). Raises ``PhaseFailed`` with the
+    ranks' error on a non-zero exit."""
+    argv = torchrun_command(torchrun_argv(_launch_namespace(nproc, command)))
+    code = run_logged(argv, log_path, f"embdim {' '.join(command)} (nproc {nproc})", echo=echo, env=env,
+                      progress=ProgressLines(say) if say is not None else None)
     if code != 0:
         message = error_message(log_path.read_text(errors="replace").split("\n=== ")[-1]) or f"exit code {code}"
         raise PhaseFailed(name, code, message, log_path)
@@ -222,7 +274,7 @@ def _run_phases(state: RunState, phases: list[tuple[str, list[str], Any]], nproc
         say(f"{name}: running on {nproc} rank(s) (log: {run_dir / 'logs' / f'{name}.log'})")
         start = time.perf_counter()
         try:
-            run_phase(name, command, nproc, run_dir / "logs" / f"{name}.log", echo)
+            run_phase(name, command, nproc, run_dir / "logs" / f"{name}.log", echo, say=phase_say(name, say))
         except PhaseFailed as e:
             state.record(name, "failed", time.perf_counter() - start, error=e.message)
             raise
@@ -234,6 +286,7 @@ def _run_phases(state: RunState, phases: list[tuple[str, list[str], Any]], nproc
             state.record(name, "failed", time.perf_counter() - start, error=message)
             raise PhaseFailed(name, 0, message, run_dir / "logs" / f"{name}.log")
         state.record(name, "done", time.perf_counter() - start)
+        say(f"{name}: done in {time.perf_counter() - start:.0f} s")
 
 
 def _settings(args: argparse.Namespace) -> list[str]:
@@ -261,6 +314,9 @@ def _validate(args: argparse.Namespace, methods: list[str], budgets: list[float]
     if not data.is_dir():
         raise DatasetError(f"{data}: dataset folder not found (--data); make one with `embdim data synth --out {data}`")
     load_manifest(data)
+    check_out(args.out, data)
+    for method in methods:
+        require_counts(data, method)
     load_config(args.config, [*args.set, f"search.budget={budgets[0]}"], cls=RunConfig)
 
 
@@ -312,7 +368,8 @@ def _run(args: argparse.Namespace) -> int:
     run_dir = Path(args.out)
     say = lambda msg: print(f"run: {msg}", flush=True)  # noqa: E731
     try:
-        row = execute_run(args, args.method, args.budget, run_dir, echo=True, say=say)
+        with output_lock(run_dir):
+            row = execute_run(args, args.method, args.budget, run_dir, echo=args.verbose, say=say)
     except PhaseFailed as e:
         print(f"embdim: error: run {args.method} budget {args.budget:g}: {e}", file=sys.stderr)
         print(f"run: rerun the same command to resume; report: {run_dir / rep.REPORT}", file=sys.stderr)
@@ -338,13 +395,17 @@ def _row(build, method: str, budget: float, run_dir: Path) -> rep.ReportRow:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     methods = _parse_list(args.methods, "--methods", str)
     budgets = _parse_list(args.budgets, "--budgets", float)
     _validate(args, methods, budgets)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        return _compare_grid(args, methods, budgets, out)
+
+
+def _compare_grid(args: argparse.Namespace, methods: list[str], budgets: list[float], out: Path) -> int:
+    from tqdm import tqdm
+
     cells = [(m, b) for m in methods for b in budgets]
     bar = tqdm(total=1 + len(cells), desc="compare", unit="run", dynamic_ncols=True)
     say = lambda msg: tqdm.write(f"compare: {msg}")  # noqa: E731 (keeps the bar at the bottom)
@@ -357,7 +418,7 @@ def _compare(args: argparse.Namespace) -> int:
         _note_settings(state, args, lambda m: say(f"full width: {m}"))
         _run_phases(state, [("train", ["train", *_settings(args), "--out", str(full)],
                              lambda: _train_finished(full))],
-                    args.nproc_per_node, full, echo=False, say=lambda m: say(f"full width: {m}"))
+                    args.nproc_per_node, full, echo=args.verbose, say=lambda m: say(f"full width: {m}"))
     except PhaseFailed as e:
         say(f"full width: FAILED: {e}")
     bar.update(1)
@@ -365,7 +426,7 @@ def _compare(args: argparse.Namespace) -> int:
     for method, budget in cells:
         bar.set_postfix_str(f"{method} b{budget:g}")
         try:
-            row = execute_run(args, method, budget, cell_dir(out, method, budget), echo=False,
+            row = execute_run(args, method, budget, cell_dir(out, method, budget), echo=args.verbose,
                               say=lambda m, mb=(method, budget): say(f"{mb[0]} b{mb[1]:g}: {m}"))
             say(f"{method} b{budget:g}: test AUC {rep.format_cell('test_auc', row.test_auc)}, "
                 f"{rep.format_cell('embedding_params', row.embedding_params)} embedding params")
@@ -392,10 +453,17 @@ def _compare(args: argparse.Namespace) -> int:
     return 0 if rows[0].done else 1
 
 
+def add_verbose_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="show everything the ranks print (sharding plans, library warnings); by default it goes "
+                        "to the phase's log file in logs/ and the screen shows progress and a summary")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset folder made by `embdim data`")
     p.add_argument("--nproc-per-node", type=_positive_int, default=1, help="ranks per phase, through torchrun (default 1)")
     add_config_arguments(p)  # for every phase
+    add_verbose_argument(p)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from embdim.launch.main import main
+from tests.cli_checks import one_error_line
 from tests.multiprocess import run_multiprocess
 from tests.tiny_data import write_tiny_dataset
 from embdim.trainer.data.manifest import load_manifest
@@ -204,3 +205,100 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+
+
+# ------------------------------------------------------------------------------------------ faults
+FAULT_SETS = [a for s in [*TINY, "train.log_every=0", "train.checkpoint_every=4", "train.max_steps=8"]
+              for a in ("--set", s)]
+
+
+def _train_1rank(data: Path, run: Path, *extra: str) -> int:
+    return main(["train", "--data", str(data), "--out", str(run), *FAULT_SETS, *extra])
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "truncated metadata", "truncated sidecar", "missing folder"])
+def test_damaged_newest_checkpoint_falls_back_to_the_intact_one(damage, tiny, tmp_path, caplog):
+    from embdim.trainer.checkpoint import Checkpointer
+
+    run = tmp_path / "run"
+    assert _train_1rank(tiny, run) == 0
+    ckpt = run / "ckpt"
+    assert (ckpt / "latest").read_text().strip() == "step_8" and (ckpt / "step_4").is_dir()
+    newest = ckpt / "step_8"
+    if damage == "truncated shard":
+        shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "truncated metadata":
+        meta = newest / ".metadata"
+        meta.write_bytes(meta.read_bytes()[:40])
+    elif damage == "truncated sidecar":
+        side = newest / "trainer_state.json"
+        side.write_text(side.read_text()[:100])
+    else:
+        shutil.rmtree(newest)
+    reason = Checkpointer(ckpt, env=None).damage(newest)
+    assert reason is not None
+    assert Checkpointer(ckpt, env=None).damage(ckpt / "step_4") is None
+    (run / "metrics.json").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert _train_1rank(tiny, run, "--set", "train.max_steps=12") == 0
+    warned = " ".join(r.getMessage() for r in caplog.records if "damaged checkpoint" in r.getMessage())
+    assert str(newest) in warned and f"resuming from {ckpt / 'step_4'}" in warned, warned
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 12
+
+
+def test_no_intact_checkpoint_is_an_error_naming_each(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train_1rank(tiny, run) == 0
+    for step in ("step_4", "step_8"):
+        (run / "ckpt" / step / ".metadata").write_bytes(b"\x80\x04garbage")
+    capsys.readouterr()
+    assert _train_1rank(tiny, run, "--set", "train.max_steps=12") == 2
+    err = one_error_line(capsys)
+    assert "no intact checkpoint" in err and "step_4" in err and "step_8" in err and "unreadable DCP metadata" in err
+
+
+def test_run_folder_of_another_width_or_dataset_is_refused(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train_1rank(tiny, run) == 0
+    (run / "metrics.json").unlink()
+    before = sorted(p.name for p in (run / "ckpt").iterdir())
+    capsys.readouterr()
+    narrower = ["--set", "model.embedding_dim=4", "--set", "model.dense_arch_layer_sizes=[16, 4]"]
+    assert _train_1rank(tiny, run, *narrower) == 2
+    err = one_error_line(capsys)
+    assert str(run / "ckpt" / "step_8") in err and "another model" in err
+    assert "model.embedding_dim=8 there, 4 here" in err
+    other = tmp_path / "other"  # the same fields, one dense column less
+    write_tiny_dataset(other, num_rows={"train": 512, "valid": 64})
+    raw = json.loads((other / "dataset.json").read_text())
+    raw["dense"] = raw["dense"][:2]
+    (other / "dataset.json").write_text(json.dumps(raw))
+    import pyarrow.parquet as pq
+
+    for split in ("train", "valid"):
+        part = other / split / "part-00000.parquet"
+        pq.write_table(pq.read_table(part).drop_columns(["i2"]), part)
+    assert _train_1rank(other, run) == 2
+    err = one_error_line(capsys)
+    assert "another dataset" in err and "dense columns ['i0', 'i1', 'i2'] there, ['i0', 'i1'] here" in err
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == before  # nothing changed
+
+
+def test_damaged_plan_init_weights_are_named(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    sets = [a for s in TINY for a in ("--set", s)]
+    assert main(["search", "--data", str(tiny), "--method", "fixed", "--budget", "0.8", "--out", str(run), *sets]) == 0
+    plan = json.loads((run / "plan.json").read_text())
+    plan["init_checkpoint"] = "plan_init.pt"
+    (run / "plan.json").write_text(json.dumps(plan))
+    torch.save({"w": torch.zeros(64, 8)}, run / "plan_init.pt")
+    data = (run / "plan_init.pt").read_bytes()
+    (run / "plan_init.pt").write_bytes(data[: len(data) // 2])  # truncated, as by a full disk
+    capsys.readouterr()
+    assert main(["retrain", "--data", str(tiny), "--plan", str(run / "plan.json"), "--out", str(run / "retrain"),
+                 *sets]) == 2
+    err = one_error_line(capsys)
+    assert str(run / "plan_init.pt") in err and "damaged" in err and "retrain.init" in err

@@ -341,13 +341,130 @@ def test_output_folder_policy(tmp_path):
     assert (busy / "notes.txt").read_text() == "mine"
     (tmp_path / "empty").mkdir()
     convert_csv([src], tmp_path / "empty", **kw)
-    m = convert_csv([src], tmp_path / "empty", **{**kw, "min_count": 2})  # replaces a previous dataset
+    with pytest.raises(DatasetError, match=r"already holds a dataset.*--overwrite"):  # no silent replacement
+        convert_csv([src], tmp_path / "empty", **{**kw, "min_count": 2})
+    assert load_manifest(tmp_path / "empty").extra["min_count"] == 1
+    m = convert_csv([src], tmp_path / "empty", **{**kw, "min_count": 2}, overwrite=True)
     assert load_manifest(tmp_path / "empty").extra["min_count"] == 2 == m.extra["min_count"]
     # a crash (here: a bad label in the last row) leaves the previous dataset intact
     src.write_text(CSV + "7,1,1,x,a\n")
     with pytest.raises(DatasetError):
-        convert_csv([src], tmp_path / "empty", **kw)
+        convert_csv([src], tmp_path / "empty", **kw, overwrite=True)
     assert load_manifest(tmp_path / "empty").extra["min_count"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "empty", "in.csv"], "lock or staging files left"
+
+
+# --------------------------------------------------------------------------------------------
+# negative dense values, duplicated headers, compressed and binary inputs
+
+
+def test_negative_dense_values_clip_signed_log_or_error(tmp_path, capsys):
+    from embdim.launch.main import main
+
+    src = tmp_path / "in.csv"
+    src.write_text(CSV)  # price -5 in row 2 (line 3)
+    kw = dict(label="y", dense=["price", "age"], sparse=["city"], split="1,0,0", min_count=1, progress=False)
+    m = convert_csv([src], tmp_path / "clip", **kw)
+    assert m.extra["negative_dense"] == "clip" and m.extra["negative_dense_clipped"] == {"price": 1}
+    assert m.extra["dense_transform"].startswith("log(1 + max(x, 0))")
+    assert read_split(tmp_path / "clip", "train").column("price")[1].as_py() == 0.0
+    m = convert_csv([src], tmp_path / "signed", **kw, negative_dense="signed-log")
+    assert m.extra["negative_dense_clipped"] == {}
+    price = read_split(tmp_path / "signed", "train").column("price").to_numpy()
+    np.testing.assert_allclose(price[:3], [math.log1p(10), -math.log1p(5), math.log1p(2.5)], rtol=1e-6)
+    with pytest.raises(DatasetError, match=r"in\.csv: row 2 \(line 3\): dense column 'price' holds '-5'; negative"):
+        convert_csv([src], tmp_path / "err", **kw, negative_dense="error")
+    assert not (tmp_path / "err").exists()
+    # The CLI's summary says what the default did.
+    assert main(["data", "csv", "--input", str(src), "--out", str(tmp_path / "cli"), "--label", "y", "--dense",
+                 "price,age", "--sparse", "city", "--split", "1,0,0", "--min-count", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "clipped 1 negative dense values to 0 (price: 1; --negative-dense" in out
+
+
+@pytest.mark.parametrize("parquet", [False, True])
+def test_duplicated_header_names_are_an_error(parquet, tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text("y,price,city,price\n1,1,a,2\n0,3,b,4\n")
+    if parquet:
+        table = pa.Table.from_arrays([pa.array([1, 0]), pa.array([1, 3]), pa.array(["a", "b"]), pa.array([2, 4])],
+                                     names=["y", "price", "city", "price"])
+        src = tmp_path / "in.parquet"
+        pq.write_table(table, src)
+    with pytest.raises(DatasetError, match=r"in\.(csv|parquet): the header names a column more than once "
+                                           r"\('price' at columns \[2, 4\]\)"):
+        convert_csv([src], tmp_path / "o", label="y", dense=["price"], sparse=["city"], split="1,0,0",
+                    progress=False)
+
+
+def _criteo_lines(n: int, seed: int = 0) -> bytes:
+    """Criteo-shaped lines: label, 13 integers (some empty, some negative), 26 hex categories."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        dense = ["" if rng.random() < 0.1 else str(int(rng.integers(-2, 50))) for _ in range(13)]
+        cats = ["" if rng.random() < 0.1 else f"{int(rng.integers(0, 12)):08x}" for _ in range(26)]
+        lines.append("\t".join([str(int(rng.random() < 0.3)), *dense, *cats]))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_gzip_criteo_input_streams_like_plain_text(tmp_path):
+    import gzip
+
+    raw = _criteo_lines(600)
+    plain = tmp_path / "day_0"
+    plain.write_bytes(raw)
+    (tmp_path / "day_0.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "day_0_renamed").write_bytes(gzip.compress(raw))  # detected by its bytes, not its name
+    kw = dict(split="0.8,0.1,0.1", min_count=2, row_group_size=128, progress=False, block_size=1 << 12)
+    ref = convert_criteo([plain], tmp_path / "plain", **kw)
+    for name in ("day_0.gz", "day_0_renamed"):
+        m = convert_criteo([tmp_path / name], tmp_path / f"o_{name}", **kw)
+        assert {s: i.num_rows for s, i in m.splits.items()} == {s: i.num_rows for s, i in ref.splits.items()}
+        assert m.extra["negative_dense_clipped"] == ref.extra["negative_dense_clipped"] != {}
+        for s in ("train", "valid", "test"):
+            assert read_split(tmp_path / f"o_{name}", s).equals(read_split(tmp_path / "plain", s))
+    assert sum(i.num_rows for i in ref.splits.values()) == 600
+
+
+def test_binary_input_is_named(tmp_path):
+    import gzip
+
+    rng = np.random.default_rng(0)
+    junk = tmp_path / "junk.csv"
+    junk.write_bytes(b"\xbd\x00" + rng.integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    packed = tmp_path / "packed.tsv.gz"
+    packed.write_bytes(gzip.compress(rng.integers(0, 256, 4000, dtype=np.uint8).tobytes()))
+    with pytest.raises(DatasetError, match=r"junk\.csv: binary data, not CSV/TSV text"):
+        convert_csv([junk], tmp_path / "o", label="y", sparse=["s"], progress=False)
+    with pytest.raises(DatasetError, match=r"packed\.tsv\.gz: binary data inside the gzip compression"):
+        convert_criteo([packed], tmp_path / "o", progress=False)
+    with pytest.raises(DatasetError, match=r"junk\.csv: binary data"):
+        convert_avazu([junk], tmp_path / "o", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.csv", "packed.tsv.gz"]
+
+
+def test_missing_label_column_exits_2_every_time(tmp_path):
+    """A failing conversion used to abort at exit now and then ("terminate called without an
+    active exception", exit 134): Arrow's threaded CSV reader released the header's Python file
+    object on a pool thread while the interpreter finalized. Several concurrent runs (the race
+    needs load) must all exit 2 with the one error line."""
+    import subprocess
+    import sys
+
+    from embdim.launch.launcher import repo_env
+
+    src = tmp_path / "in.csv"
+    src.write_text(CSV)
+    argv = [sys.executable, "-m", "embdim.launch.main", "data", "csv", "--input", str(src), "--label", "click",
+            "--dense", "price", "--sparse", "city", "--no-progress"]
+    procs = [subprocess.Popen([*argv, "--out", str(tmp_path / f"o{k}")], env=repo_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for k in range(4)]
+    for p in procs:
+        err = p.communicate(timeout=300)[1].decode()
+        assert p.returncode == 2, err
+        assert err.strip() == (f"embdim: error: {src}: label column 'click' not found; the file's columns are "
+                               f"['y', 'price', 'age', 'city', 'tags']"), err
 
 
 # --------------------------------------------------------------------------------------------

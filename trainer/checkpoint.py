@@ -15,6 +15,14 @@ DCP stores each table by global offsets, so a checkpoint loads under any other p
 ranks (docs/torchrec-notes.md#sharded-weights). RNG states are per rank and restored only under the same number of
 ranks; the reader position (rank-independent for ``ParquetBatchReader``) is restored always: under
 another layout the reader re-deals the epoch's unread rows.
+
+Before a checkpoint is used it is validated (sidecar, DCP metadata, every shard file at least as
+long as the metadata says): a damaged newest checkpoint (a truncated file, a disk that filled up
+under another tool) is skipped with a warning and the newest intact one is used. A checkpoint of
+another model (another dataset, plan or width) is refused with the mismatch named, before DCP
+would fail on the first tensor. A save that fails on the file system (full disk, permissions)
+removes its temporary folder and raises ``StorageError``; ``latest`` still names the previous
+checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import base64
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -34,9 +43,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from embdim.trainer.distributed import DistEnv
-from embdim.trainer.io import atomic_write_json, atomic_write_text
+from embdim.trainer.io import as_storage_error, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +57,41 @@ LATEST = "latest"
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder is missing, incomplete or does not fit this run."""
+
+
+def load_torch_file(path: str | Path, what: str) -> Any:
+    """``torch.load`` of a file written with ``torch.save`` (weights only, to CPU); a missing,
+    truncated or foreign file raises ``CheckpointError`` naming it and ``what`` it should hold."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing ({what})") from None
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: damaged or not a torch.save file ({what}): {first}") from None
+
+
+def dataset_schema(manifest: Any) -> dict[str, Any]:
+    """What a checkpoint's tensors depend on in a dataset: label, dense columns, sparse fields
+    with their cardinalities (stored in the sidecar's meta, compared on resume)."""
+    return {"label": manifest.label, "dense": list(manifest.dense),
+            "sparse": [[f.name, f.num_embeddings, bool(f.multi_hot)] for f in manifest.sparse]}
+
+
+def _schema_difference(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    if saved.get("label") != now["label"]:
+        return f"label column {saved.get('label')!r} there, {now['label']!r} here"
+    if saved.get("dense") != now["dense"]:
+        return f"dense columns {saved.get('dense')} there, {now['dense']} here"
+    old = {name: (n, mh) for name, n, mh in saved.get("sparse", [])}
+    new = {name: (n, mh) for name, n, mh in now["sparse"]}
+    if list(old) != list(new):
+        return f"sparse fields {list(old)} there, {list(new)} here"
+    for name, (n, mh) in new.items():
+        if old[name] != (n, mh):
+            return f"field {name!r} has {old[name][0]} ids there, {n} here"
+    return None
 
 
 @dataclass
@@ -135,15 +180,58 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- paths
     def latest(self) -> Path | None:
-        """The folder ``latest`` points at, or None when there is no checkpoint yet."""
+        """The newest intact checkpoint, or None when there is none yet.
+
+        ``latest`` names the newest one; it and every ``step_N`` folder are validated
+        (``damage``), newest first. Skipping a damaged one logs a warning naming it and why.
+        Raises ``CheckpointError`` when checkpoints exist but none is intact."""
         pointer = self.dir / LATEST
-        if not pointer.exists():
-            return None
-        name = pointer.read_text().strip()
-        path = self.dir / name
-        if not name.startswith("step_") or not (path / STATE_FILE).exists():
-            raise CheckpointError(f"{pointer}: points at {name!r}, which is not a complete checkpoint folder")
-        return path
+        candidates: list[Path] = [path for _, path in reversed(self._steps())]
+        if pointer.exists():
+            name = pointer.read_text(errors="replace").strip()
+            if name.startswith("step_") and "/" not in name:
+                candidates = [self.dir / name, *[p for p in candidates if p.name != name]]
+        damaged: list[str] = []
+        for path in candidates:
+            reason = self.damage(path)
+            if reason is None:
+                if damaged:
+                    logger.warning("skipping damaged checkpoint(s): %s; resuming from %s", "; ".join(damaged), path)
+                return path
+            damaged.append(f"{path}: {reason}")
+        if damaged:
+            raise CheckpointError(f"no intact checkpoint in {self.dir}: {'; '.join(damaged)}; delete {self.dir} "
+                                  f"to start over")
+        return None
+
+    def damage(self, path: str | Path) -> str | None:
+        """Why the checkpoint folder ``path`` cannot be loaded, or None when it is intact: its
+        sidecar parses, its DCP metadata loads, and every file the metadata points into exists and
+        is long enough (a truncated or missing shard file is found here, not halfway through a load)."""
+        path = Path(path)
+        if not path.is_dir():
+            return "missing"
+        try:
+            self.read_state(path)
+        except CheckpointError as e:
+            return str(e).split(": ", 1)[-1]
+        try:
+            metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        except Exception as e:  # a truncated pickle raises anything from EOFError to UnpicklingError
+            return f"unreadable DCP metadata (.metadata: {type(e).__name__}: {e})"
+        needed: dict[str, int] = {}
+        for info in (metadata.storage_data or {}).values():
+            rel = getattr(info, "relative_path", None)
+            if rel is not None:
+                needed[rel] = max(needed.get(rel, 0), int(info.offset) + int(info.length))
+        for rel, size in sorted(needed.items()):
+            try:
+                actual = (path / rel).stat().st_size
+            except FileNotFoundError:
+                return f"shard file {rel} missing"
+            if actual < size:
+                return f"shard file {rel} truncated ({actual} bytes, the metadata needs {size})"
+        return None
 
     def _steps(self) -> list[tuple[int, Path]]:
         out = []
@@ -168,9 +256,28 @@ class Checkpointer:
         final, tmp = self.dir / name, self.dir / f".{name}.tmp"
         if self.env.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left by a crash during an earlier save of the same step
-                shutil.rmtree(tmp)
+            # Left by a job killed while saving (the run folder's lock keeps other jobs out).
+            for stale in self.dir.glob(".step_*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
         self._barrier()
+        try:
+            self._write(model, optimizer, state, meta, name, final, tmp)
+        except BaseException as e:
+            if self.env.is_main and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
+            previous = self.dir / LATEST
+            hint = (f"the previous checkpoint ({previous.read_text().strip()}) is intact" if previous.exists()
+                    else "no earlier checkpoint")
+            # DCP raises CheckpointException (a BaseException) with each rank's failure inside.
+            err = as_storage_error(e, tmp, hint) if isinstance(e, (Exception, CheckpointException)) else None
+            if err is None:
+                raise
+            raise err from e
+        logger.info("saved checkpoint %s", final)
+        return final
+
+    def _write(self, model: nn.Module, optimizer: Any, state: TrainerState, meta: dict[str, Any], name: str,
+               final: Path, tmp: Path) -> None:
         dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
         per_rank = {"reader_state": state.reader_state, "rng": rng_state(self.env.device)}
         ranks = _all_gather_object(json.loads(json.dumps(per_rank, default=_json_default)))
@@ -204,8 +311,6 @@ class Checkpointer:
             atomic_write_text(self.dir / LATEST, name + "\n")
             self._prune(keep_name=name)
         self._barrier()
-        logger.info("saved checkpoint %s", final)
-        return final
 
     def _prune(self, keep_name: str) -> None:
         if self.keep <= 0:
@@ -232,21 +337,63 @@ class Checkpointer:
             raise CheckpointError(f"{file}: format_version {raw['format_version']}, this embdim reads {FORMAT_VERSION}")
         return raw
 
-    def load(self, path: str | Path, model: nn.Module, optimizer: Any, *, load_optimizer: bool = True) -> TrainerState:
+    def check_fits(self, path: str | Path, raw: dict[str, Any], model_state: dict[str, Any],
+                   meta: dict[str, Any] | None = None) -> None:
+        """Raises ``CheckpointError`` naming the mismatch when checkpoint ``path`` (sidecar ``raw``)
+        was written for another model: another dataset (``meta["dataset_schema"]``), another model
+        width or architecture (``meta["config"]["model"]``), or tensors of other shapes (another
+        plan). Checked before DCP would fail on the first tensor with a bare size mismatch."""
+        path = Path(path)
+        where = f"{path}: the run folder was made for another"
+        saved_meta = raw.get("meta") or {}
+        if meta is not None:
+            saved_schema, schema = saved_meta.get("dataset_schema"), meta.get("dataset_schema")
+            if saved_schema and schema:
+                diff = _schema_difference(saved_schema, schema)
+                if diff:
+                    raise CheckpointError(f"{where} dataset ({saved_meta.get('dataset', '?')}: {diff}); give another "
+                                          f"--out, or delete the folder to start over")
+            saved_model = (saved_meta.get("config") or {}).get("model") or {}
+            model_cfg = (meta.get("config") or {}).get("model") or {}
+            changed = [k for k in model_cfg if k in saved_model and saved_model[k] != model_cfg[k]]
+            if changed:
+                k = changed[0]
+                raise CheckpointError(f"{where} model: model.{k}={saved_model[k]!r} there, {model_cfg[k]!r} here; give "
+                                      f"another --out, or set model.{k}={saved_model[k]!r} to resume it")
+        try:
+            saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable DCP metadata: {e}") from None
+        for key, value in model_state.items():
+            if not isinstance(value, torch.Tensor):  # ShardedTensor and DTensor are tensors: size() is global
+                continue
+            fqn = f"model.{key}"
+            if fqn not in saved:
+                raise CheckpointError(f"{where} model or plan: it has no tensor {key!r} (e.g. another method's "
+                                      f"tables); give another --out")
+            there = getattr(saved[fqn], "size", None)
+            if there is not None and tuple(there) != tuple(value.size()):
+                raise CheckpointError(f"{where} dataset, plan or width: {key} is {list(there)} there, "
+                                      f"{list(value.size())} here; give another --out")
+
+    def load(self, path: str | Path, model: nn.Module, optimizer: Any, *, load_optimizer: bool = True,
+             meta: dict[str, Any] | None = None) -> TrainerState:
         """Restores model (and optimizer) tensors in place and returns the trainer state.
 
         The optimizer must hold state for every parameter it will ever have state for (run
         ``init_state()`` on lazily initialised optimizers first): DCP loads into existing tensors.
-        Collective: every rank calls it.
+        ``meta``: this run's description (as passed to ``save``), checked against the
+        checkpoint's (``check_fits``). Collective: every rank calls it.
         """
         path = Path(path)
         raw = self.read_state(path)
+        self.check_fits(path, raw, model.state_dict(), meta)
         state_dict: dict[str, Any] = {"model": model.state_dict()}
         if load_optimizer:
             state_dict["optim"] = optimizer.state_dict()
         try:
             dcp.load(state_dict, checkpoint_id=str(path))
-        except Exception as e:  # DCP raises a CheckpointException listing each rank's failure
+        except (Exception, CheckpointException) as e:  # CheckpointException lists each rank's failure
             raise CheckpointError(f"{path}: cannot load into this model: {e}") from e
         # The local shards and dense tensors were loaded in place; load_state_dict also restores
         # anything DCP replaced by value (non-tensor entries) and runs torchrec's hooks.

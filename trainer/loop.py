@@ -43,7 +43,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from embdim.sharding.planner import plan_summary, replicated_embedding_params, shard_model, sparse_optimizer, table_placement
-from embdim.trainer.checkpoint import Checkpointer, CheckpointError, TrainerState
+from embdim.trainer.checkpoint import Checkpointer, CheckpointError, TrainerState, dataset_schema
 from embdim.trainer.config import Config, ConfigError, OptimConfig, config_to_dict
 from embdim.trainer.data.manifest import DatasetError, load_manifest
 from embdim.trainer.distributed import DistEnv, env_int
@@ -315,7 +315,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _meta(self) -> dict[str, Any]:
         return {"config": config_to_dict(self.config), "dataset": str(self.dataset_dir.resolve()),
-                "sharding_plan": table_placement(self.model.plan)}
+                "dataset_schema": dataset_schema(self.manifest), "sharding_plan": table_placement(self.model.plan)}
 
     def save_checkpoint(self) -> None:
         """Saves ``ckpt/step_<step>`` (collective)."""
@@ -345,7 +345,7 @@ class Trainer:
         for opt in self._lazy_optims:
             opt.init_state()
             opt.zero_grad(set_to_none=True)
-        self.state = self.checkpointer.load(path, self.model, self.optimizer)
+        self.state = self.checkpointer.load(path, self.model, self.optimizer, meta=self._meta())
         self.state.phase = self.phase
         self.state.extra.setdefault("history", [])
         self.state.extra.setdefault("last_valid", None)

@@ -46,6 +46,7 @@ from embdim.embedding_methods.pme import PME
 from embdim.embedding_methods.remap import IdRemapper
 from embdim.sharding import state as sharded_state
 from embdim.sharding.compact import write_compact_state
+from embdim.trainer.checkpoint import load_torch_file
 from embdim.trainer.config import Config, ConfigError, _check
 from embdim.trainer.data.manifest import Manifest, load_counts, load_manifest
 from embdim.trainer.distributed import DistEnv
@@ -279,7 +280,7 @@ def run_search(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, 
             elif initial_path.exists():
                 initial = method.build_search_module(EmbeddingBagCollection(tables=search_tables,
                                                                             device=torch.device("cpu")))
-                initial.load_state_dict(torch.load(initial_path, map_location="cpu", weights_only=True))
+                initial.load_state_dict(load_torch_file(initial_path, "the search's step-0 weights"))
             else:
                 logger.warning("resumed search: %s is missing; the retrain starts from the searched weights "
                                "instead of the step-0 ones", initial_path)
@@ -343,7 +344,7 @@ def run_retrain(config: RunConfig, dataset_dir: str | Path, plan_path: str | Pat
     init = resolve_init_checkpoint(plan, plan_path)
     from_plan = config.retrain.init == "plan" and init is not None
     if from_plan and trainer.resume() is None:
-        state = torch.load(init, map_location="cpu", weights_only=True)
+        state = load_torch_file(init, "the plan's retrain start weights; set retrain.init=\"fresh\" to go without")
         write_compact_state(trainer.sparse_module, state, init)
         logger.info("retrain starts from %s", init)
         if _continues_search(plan.method):

@@ -12,15 +12,27 @@ by block, so memory is bounded by the vocabularies rather than the files:
    unseen -> 0, the OOV id), log-transform the dense features, and write Parquet row groups;
    count the ids of the train split (``counts/<field>.npy``).
 
+Text inputs may be compressed (gzip, bz2, zstd; detected by their first bytes, not the file
+name) and are decompressed while streaming: the Criteo 1TB logs are read as the ``day_N.gz`` files
+they are distributed as. Any other binary input is refused naming the file.
+
+Dense values below 0 are handled as ``negative_dense`` says: "clip" (the default; the DLRM
+reference's log(1 + max(x, 0)), the number of clipped values per column is recorded in
+dataset.json and printed), "signed-log" (sign(x) log(1 + |x|)) or "error".
+
 The dataset is built in a temporary folder beside ``out`` and moved into place at the end;
-``dataset.json`` is written last. ``vocab/<field>.parquet`` keeps each vocabulary (row i holds
-the value of id i + 1 and its train count) so that ids can be mapped back to raw values.
+``dataset.json`` is written last. ``out`` is locked for the whole build (a second build of the
+same ``out`` is refused), an existing dataset there is replaced only with ``overwrite``, and the
+staging folders of killed builds of ``out`` are removed first (``writer.claim_output``).
+``vocab/<field>.parquet`` keeps each vocabulary (row i holds the value of id i + 1 and its train
+count) so that ids can be mapped back to raw values.
 
 Public entry points: ``convert_criteo``, ``convert_avazu``, ``convert_csv``.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import sys
 from dataclasses import dataclass, field
@@ -42,7 +54,8 @@ from embdim.trainer.data.writer import (
     SplitWriter,
     ValueCounter,
     build_vocab,
-    check_output_dir,
+    NEGATIVE_DENSE,
+    claim_output,
     dense_transform,
     list_array,
     map_to_ids,
@@ -57,7 +70,7 @@ from embdim.trainer.io import atomic_path
 DEFAULT_SPLIT = "0.8,0.1,0.1"
 DEFAULT_MIN_COUNT = 2
 DEFAULT_BLOCK_SIZE = 16 << 20
-DENSE_TRANSFORM = "log(1 + max(x, 0)); missing -> 0"
+DEFAULT_NEGATIVE_DENSE = "clip"
 
 CRITEO_LABEL = "label"
 CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
@@ -113,7 +126,10 @@ def _labels(values: pa.Array, path: Path, column: str, first_row: int, header_li
     return x.astype(np.float32)
 
 
-def _dense(values: pa.Array, path: Path, column: str, first_row: int, header_lines: int) -> np.ndarray:
+def _dense(values: pa.Array, path: Path, column: str, first_row: int, header_lines: int, negative: str,
+           clipped: dict[str, int]) -> np.ndarray:
+    """The transformed dense column (see the module docstring); ``clipped[column]`` counts the
+    values that "clip" set to 0."""
     x = _to_float(values, path, column, first_row, header_lines, "dense")
     infinite = np.flatnonzero(np.isinf(x))
     if len(infinite):  # an explicit infinity is bad data, not a missing value: do not map it to 0 silently
@@ -121,7 +137,16 @@ def _dense(values: pa.Array, path: Path, column: str, first_row: int, header_lin
         raise DatasetError(f"{path}: {_where(path, first_row + i, header_lines)}: dense column {column!r} holds "
                            f"{values[i].as_py()!r}; dense values must be finite (leave the cell empty if missing)")
     x = np.where(np.isfinite(x), x, 0.0)
-    return dense_transform(x)
+    below = np.flatnonzero(x < 0)
+    if len(below):
+        if negative == "error":
+            i = int(below[0])
+            raise DatasetError(f"{path}: {_where(path, first_row + i, header_lines)}: dense column {column!r} holds "
+                               f"{values[i].as_py()!r}; negative dense values are refused (--negative-dense error; "
+                               f"'clip' maps them to 0, 'signed-log' keeps their sign)")
+        if negative == "clip":
+            clipped[column] = clipped.get(column, 0) + len(below)
+    return dense_transform(x, negative)
 
 
 def _as_string(values: pa.Array) -> pa.Array:
@@ -197,6 +222,47 @@ def _is_parquet(path: Path) -> bool:
         return False
 
 
+# Compressed text: detected by the first bytes, so that a renamed or suffix-less file works too.
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"))
+
+
+def _codec(path: Path) -> str | None:
+    """The compression of a text input ("gzip", "bz2", "zstd") or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot open: {e.strerror or e}") from None
+    for magic, codec in _MAGIC:
+        if head.startswith(magic):
+            return codec
+    if len(head) == 4 and head.startswith(b"BZh") and head[3:4] in b"123456789":
+        return "bz2"
+    return None
+
+
+def _open_text(path: Path) -> pa.NativeFile:
+    """A (decompressing) input stream of a text input."""
+    codec = _codec(path)
+    try:
+        return pa.input_stream(str(path), compression=codec)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DatasetError(f"{path}: cannot open{f' as {codec}' if codec else ''}: {e}") from None
+
+
+def _check_text(path: Path, head: bytes) -> None:
+    """Refuses binary data (NUL bytes, or not UTF-8) in the first bytes of a text input."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at the end is fine
+        text = b"\0" not in head
+    except UnicodeDecodeError:
+        text = False
+    if not text:
+        codec = _codec(path)
+        raise DatasetError(f"{path}: binary data{f' inside the {codec} compression' if codec else ''}, not CSV/TSV "
+                           "text (UTF-8); inputs are text logs, optionally gzip/bz2/zstd-compressed, or Parquet")
+
+
 class _Format:
     """An input format: which columns it has, how to read blocks and how to parse them."""
 
@@ -209,6 +275,9 @@ class _Format:
 
     def __init__(self, block_size: int) -> None:
         self.block_size = int(block_size)
+        self.negative_dense = DEFAULT_NEGATIVE_DENSE
+        self.clipped: dict[str, int] = {}
+        """Per dense column, the negative values "clip" set to 0."""
 
     # -- to implement
     def check(self, path: Path) -> None:
@@ -232,12 +301,14 @@ class _Format:
 
     def _csv_batches(self, path: Path, read_options: pcsv.ReadOptions, parse_options: pcsv.ParseOptions,
                      convert_options: pcsv.ConvertOptions) -> Iterator[pa.RecordBatch]:
+        stream = _open_text(path)
         try:
-            reader = pcsv.open_csv(str(path), read_options=read_options, parse_options=parse_options,
+            reader = pcsv.open_csv(stream, read_options=read_options, parse_options=parse_options,
                                    convert_options=convert_options)
         except (pa.ArrowInvalid, pa.ArrowKeyError, OSError) as e:
+            stream.close()
             raise DatasetError(f"{path}: cannot read as {self.source} CSV: {e}") from None
-        with reader:
+        with stream, reader:
             while True:
                 try:
                     batch = reader.read_next_batch()
@@ -292,16 +363,18 @@ class _Criteo(_Format):
         if numeric:
             p.label = _labels(batch.column(self.label), path, self.label, first_row, self.header_lines)
             for d in self.dense:
-                p.dense[d] = _dense(batch.column(d), path, d, first_row, self.header_lines)
+                p.dense[d] = _dense(batch.column(d), path, d, first_row, self.header_lines, self.negative_dense,
+                                    self.clipped)
         for s in self.sparse:
             p.single[s] = batch.column(s)
         return p
 
 
 def _first_line(path: Path, limit: int = 64 << 20) -> bytes:
-    """The first line of an input (gzip/bz2 detected by extension), without its line break."""
+    """The first line of a text input (decompressed), without its line break; binary data is
+    refused naming the file."""
     try:
-        with pa.input_stream(str(path), compression="detect") as f:
+        with _open_text(path) as f:
             buf = b""
             while b"\n" not in buf and len(buf) < limit:
                 chunk = f.read(1 << 16)
@@ -309,19 +382,20 @@ def _first_line(path: Path, limit: int = 64 << 20) -> bytes:
                     break
                 buf += chunk
     except (OSError, pa.ArrowInvalid) as e:
-        raise DatasetError(f"{path}: cannot open: {e}") from None
+        raise DatasetError(f"{path}: cannot read: {e}") from None
+    _check_text(path, buf[: 1 << 16])
     return buf.split(b"\n", 1)[0].rstrip(b"\r")
 
 
 def _count_lines(path: Path, chunk_size: int = 1 << 24) -> int:
-    """Non-empty lines of a text input (gzip/bz2 detected by extension), by counting line breaks:
+    """Non-empty lines of a text input (decompressed), by counting line breaks:
     exact for formats without quoted line breaks (Criteo, Avazu). Empty lines ("" or "\\r") are
     not counted, as pyarrow's CSV reader skips them."""
     lines = blank = 0
     tail = np.frombuffer(b"\0\n", np.uint8)  # as if preceded by a line break: a leading empty line is blank
     last = b""
     try:
-        with pa.input_stream(str(path), compression="detect") as f:
+        with _open_text(path) as f:
             while True:
                 chunk = f.read(chunk_size)
                 if not chunk:
@@ -343,10 +417,24 @@ def _read_header(path: Path, delimiter: str) -> list[str]:
     if not line.strip():
         raise DatasetError(f"{path}: empty file or empty header line (a CSV header naming the columns is expected)")
     try:
-        t = pcsv.read_csv(io.BytesIO(line + b"\n"), parse_options=pcsv.ParseOptions(delimiter=delimiter))
+        # Without threads: the threaded reader releases this Python file object on one of Arrow's
+        # pool threads, which can still be doing so when the interpreter finalizes (a one-line
+        # header parses fast, and a failing command exits at once); taking the GIL then ends the
+        # thread inside a C++ destructor: "terminate called without an active exception", exit 134.
+        t = pcsv.read_csv(io.BytesIO(line + b"\n"), read_options=pcsv.ReadOptions(use_threads=False),
+                          parse_options=pcsv.ParseOptions(delimiter=delimiter))
     except pa.ArrowInvalid as e:
         raise DatasetError(f"{path}: cannot parse the CSV header: {e}") from None
+    _check_unique(path, t.schema.names)
     return t.schema.names
+
+
+def _check_unique(path: Path, names: list[str]) -> None:
+    """Duplicated column names are an error: a reader would silently use the first one."""
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        where = "; ".join(f"{n!r} at columns {[i + 1 for i, m in enumerate(names) if m == n]}" for n in dupes)
+        raise DatasetError(f"{path}: the header names a column more than once ({where}); rename the duplicates")
 
 
 class _Avazu(_Format):
@@ -455,6 +543,7 @@ class _Generic(_Format):
                 names = pq.ParquetFile(path).schema_arrow.names
             except (pa.ArrowInvalid, OSError) as e:
                 raise DatasetError(f"{path}: cannot read as Parquet: {e}") from None
+            _check_unique(path, names)
         else:
             names = _read_header(path, self.delimiter)
         for col, role in self._roles():
@@ -499,7 +588,7 @@ class _Generic(_Format):
         if numeric:
             p.label = _labels(batch.column(self.label), path, self.label, first_row, h)
             for d in self.dense:
-                p.dense[d] = _dense(batch.column(d), path, d, first_row, h)
+                p.dense[d] = _dense(batch.column(d), path, d, first_row, h, self.negative_dense, self.clipped)
         for s in self.sparse:
             col = batch.column(s)
             if s in self.multi_hot:
@@ -605,7 +694,18 @@ def _coalesce(blocks: Iterator[tuple[str, Path, int, pa.RecordBatch]], target_ro
 
 
 def _convert(fmt: _Format, inputs: Sequence[str | Path], out: str | Path, *, split: str, min_count: int,
-             row_group_size: int, rows_per_file: int | None, progress: bool, options: dict) -> Manifest:
+             row_group_size: int, rows_per_file: int | None, progress: bool, options: dict,
+             overwrite: bool = False, negative_dense: str = DEFAULT_NEGATIVE_DENSE) -> Manifest:
+    if negative_dense not in NEGATIVE_DENSE:
+        raise ValueError(f"--negative-dense must be one of {', '.join(NEGATIVE_DENSE)}, got {negative_dense!r}")
+    fmt.negative_dense, fmt.clipped = negative_dense, {}
+    with claim_output(out, overwrite=overwrite):
+        return _build(fmt, inputs, out, split=split, min_count=min_count, row_group_size=row_group_size,
+                      rows_per_file=rows_per_file, progress=progress, options=options, overwrite=overwrite)
+
+
+def _build(fmt: _Format, inputs: Sequence[str | Path], out: str | Path, *, split: str, min_count: int,
+           row_group_size: int, rows_per_file: int | None, progress: bool, options: dict, overwrite: bool) -> Manifest:
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     paths = [Path(p) for p in inputs]
@@ -619,7 +719,6 @@ def _convert(fmt: _Format, inputs: Sequence[str | Path], out: str | Path, *, spl
     if row_group_size < 1:
         raise ValueError(f"--row-group-size must be positive, got {row_group_size}")
     mode = parse_split(split, len(paths))
-    check_output_dir(out)
     for p in paths:
         fmt.check(p)
 
@@ -657,7 +756,7 @@ def _convert(fmt: _Format, inputs: Sequence[str | Path], out: str | Path, *, spl
 
     # pass 2: ids, dense transform, Parquet
     schema = output_schema(fmt.label, fmt.dense, fmt.sparse, fmt.multi_hot)
-    with staged_output(out) as stage:
+    with staged_output(out, overwrite=overwrite) as stage:
         writers = {sp: SplitWriter(stage, sp, schema, row_group_size=row_group_size, rows_per_file=rows_per_file)
                    for sp in SPLITS}
         id_counts = {s: IdCounter(num_embeddings[s]) for s in fmt.sparse}
@@ -707,7 +806,9 @@ def _convert(fmt: _Format, inputs: Sequence[str | Path], out: str | Path, *, spl
                 "split": split if isinstance(split, str) else ",".join(str(x) for x in split),
                 "min_count": min_count,
                 "row_group_size": row_group_size,
-                "dense_transform": DENSE_TRANSFORM,
+                "dense_transform": f"{NEGATIVE_DENSE[fmt.negative_dense]}; missing -> 0",
+                "negative_dense": fmt.negative_dense,
+                "negative_dense_clipped": dict(sorted(fmt.clipped.items())),
                 "vocab_dir": "vocab",
                 **options,
             },
@@ -719,37 +820,44 @@ def _convert(fmt: _Format, inputs: Sequence[str | Path], out: str | Path, *, spl
 def convert_criteo(inputs: Sequence[str | Path], out: str | Path, *, split: str = DEFAULT_SPLIT,
                    min_count: int = DEFAULT_MIN_COUNT, row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
                    rows_per_file: int | None = DEFAULT_ROWS_PER_FILE, block_size: int = DEFAULT_BLOCK_SIZE,
-                   progress: bool = True) -> Manifest:
+                   progress: bool = True, overwrite: bool = False,
+                   negative_dense: str = DEFAULT_NEGATIVE_DENSE) -> Manifest:
     """Criteo Kaggle ``train.txt`` / Criteo 1TB ``day_N`` logs (tab-separated, no header; ``.gz`` ok).
 
-    Columns label, I1..I13 (integers, may be empty or negative; stored as log(1 + max(x, 0)),
-    empty -> 0), C1..C26 (hex strings; empty -> OOV id 0).
+    Columns label, I1..I13 (integers, may be empty or negative; stored as log(1 + max(x, 0)) by
+    default, see ``negative_dense``; empty -> 0), C1..C26 (hex strings; empty -> OOV id 0).
+    ``overwrite``: replace a dataset already at ``out``; ``negative_dense``: "clip", "signed-log"
+    or "error" (see the module docstring).
     """
     return _convert(_Criteo(block_size), inputs, out, split=split, min_count=min_count,
-                    row_group_size=row_group_size, rows_per_file=rows_per_file, progress=progress, options={})
+                    row_group_size=row_group_size, rows_per_file=rows_per_file, progress=progress, options={},
+                    overwrite=overwrite, negative_dense=negative_dense)
 
 
 def convert_avazu(inputs: Sequence[str | Path], out: str | Path, *, split: str = DEFAULT_SPLIT,
                   min_count: int = DEFAULT_MIN_COUNT, row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
                   rows_per_file: int | None = DEFAULT_ROWS_PER_FILE, block_size: int = DEFAULT_BLOCK_SIZE,
-                  progress: bool = True) -> Manifest:
+                  progress: bool = True, overwrite: bool = False) -> Manifest:
     """Avazu CTR logs (CSV with header: id, click, hour, C1, banner_pos, site_id, ..., C21).
 
     ``id`` is dropped; ``hour`` (YYMMDDHH) becomes the categorical fields ``hour_of_day`` (0..23)
     and ``weekday`` (Monday = 0); every other column is categorical. No dense features.
     """
     return _convert(_Avazu(block_size), inputs, out, split=split, min_count=min_count,
-                    row_group_size=row_group_size, rows_per_file=rows_per_file, progress=progress, options={})
+                    row_group_size=row_group_size, rows_per_file=rows_per_file, progress=progress, options={},
+                    overwrite=overwrite)
 
 
 def convert_csv(inputs: Sequence[str | Path], out: str | Path, *, label: str, dense: Sequence[str] = (),
                 sparse: Sequence[str] = (), multi_hot: Sequence[str] = (), delimiter: str = ",",
                 multi_hot_separator: str = "|", split: str = DEFAULT_SPLIT, min_count: int = DEFAULT_MIN_COUNT,
                 row_group_size: int = DEFAULT_ROW_GROUP_SIZE, rows_per_file: int | None = DEFAULT_ROWS_PER_FILE,
-                block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True) -> Manifest:
+                block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True, overwrite: bool = False,
+                negative_dense: str = DEFAULT_NEGATIVE_DENSE) -> Manifest:
     """Any CSV (with a header line) or Parquet input with declared columns.
 
-    ``label`` must hold 0/1; ``dense`` columns are numeric (log(1 + max(x, 0)), empty -> 0);
+    ``label`` must hold 0/1; ``dense`` columns are numeric (log(1 + max(x, 0)) by default, see
+    ``negative_dense``; empty -> 0);
     ``sparse`` columns are categorical (single-hot, int64 ids); ``multi_hot`` columns hold several
     values separated by ``multi_hot_separator`` (or are Parquet list columns) and become
     ``list<int64>`` (a row without values gets [0]).
@@ -759,7 +867,7 @@ def convert_csv(inputs: Sequence[str | Path], out: str | Path, *, label: str, de
     fmt = _Generic(block_size, label=label, dense=list(dense), sparse=list(sparse), multi_hot=list(multi_hot),
                    delimiter=delimiter, multi_hot_separator=multi_hot_separator)
     return _convert(fmt, inputs, out, split=split, min_count=min_count, row_group_size=row_group_size,
-                    rows_per_file=rows_per_file, progress=progress,
+                    rows_per_file=rows_per_file, progress=progress, overwrite=overwrite, negative_dense=negative_dense,
                     options={"delimiter": delimiter, "multi_hot_separator": multi_hot_separator})
 
 

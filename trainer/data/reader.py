@@ -119,13 +119,17 @@ def _check_schema(path: Path, schema: pa.Schema, manifest: Manifest) -> None:
     """Checks that ``path`` has exactly the columns of the manifest, with the format's types."""
     roles = _column_roles(manifest)
     extra = [name for name in schema.names if name not in {r[0] for r in roles}]
+    # A column dataset.json names but the file lacks is reported first, naming the manifest's
+    # entry (a renamed column shows up as both: the missing name is the one to fix).
+    for name, role, _ in roles:
+        if schema.get_field_index(name) < 0:
+            unnamed = f" ({extra} not in dataset.json)" if extra else ""
+            raise DatasetError(f"{path} (every row group): missing column {name!r} ({role} in dataset.json); "
+                               f"the file has {schema.names}{unnamed}")
     if extra:  # most likely a feature missing from dataset.json: it would be dropped silently
         raise DatasetError(f"{path} (every row group): column(s) {extra} not in dataset.json (label, dense, sparse); "
                            f"declare them there or drop them from the file")
     for name, role, kind in roles:
-        if schema.get_field_index(name) < 0:
-            raise DatasetError(f"{path} (every row group): missing column {name!r} ({role} in dataset.json); "
-                               f"the file has {schema.names}")
         t = schema.field(name).type
         if kind == "float":
             ok, expected = t == pa.float32(), "float32"

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +51,11 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from embdim.trainer.data.manifest import Manifest, SparseField, SplitInfo, write_manifest
+from embdim.trainer.io import die_with_parent
 from embdim.trainer.data.writer import (
     DEFAULT_ROW_GROUP_SIZE,
     SplitWriter,
-    check_output_dir,
+    claim_output,
     list_array,
     output_schema,
     save_counts,
@@ -365,8 +367,11 @@ def _write_file(plan: _Plan, task: _FileTask) -> tuple[int, int]:
 _WORKER_PLAN: _Plan | None = None
 
 
-def _init_worker(plan: _Plan) -> None:
+def _init_worker(plan: _Plan, parent: int) -> None:
     global _WORKER_PLAN
+    # A worker of a killed build would go on writing into its staging folder, even after the next
+    # build of the same --out has removed it (and so recreate it).
+    die_with_parent(signal.SIGKILL, parent)
     _WORKER_PLAN = plan
 
 
@@ -412,11 +417,14 @@ def generate_synthetic(out: str | Path, *, num_rows: int = 100_000, seed: int = 
                        num_files: int | None = None, workers: int | None = None,
                        row_group_size: int = DEFAULT_ROW_GROUP_SIZE, cardinality_cap: int | None = None,
                        multi_hot_fields: int = 0, multi_hot_max_len: int = MULTI_HOT_MAX_LEN,
-                       cardinalities: Sequence[int] | None = None, progress: bool = True) -> Manifest:
+                       cardinalities: Sequence[int] | None = None, progress: bool = True,
+                       overwrite: bool = False) -> Manifest:
     """Writes a synthetic dataset with a planted model to ``out`` (see the module docstring).
 
     ``cardinalities`` (ids per field, id 0 excluded) overrides the preset and the num_rows scaling
-    (``cardinality_cap`` still applies); the number of fields follows it.
+    (``cardinality_cap`` still applies); the number of fields follows it. A dataset already at
+    ``out`` is replaced only with ``overwrite``; ``out`` is locked while it is built
+    (``writer.claim_output``).
     """
     if num_rows < 10:
         raise ValueError(f"num_rows must be at least 10, got {num_rows}")
@@ -442,97 +450,97 @@ def generate_synthetic(out: str | Path, *, num_rows: int = 100_000, seed: int = 
         num_files = max(3, -(-num_rows // DEFAULT_ROWS_PER_FILE))
     layout = _split_plan(num_rows, num_files)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
-    check_output_dir(out)
+    with claim_output(out, overwrite=overwrite):
+        plan = _make_plan(seed, cards, multi_hot_fields, multi_hot_max_len)
+        plan.bias = _calibrate(plan)
+        with staged_output(out, overwrite=overwrite) as stage:
+            tasks = [_FileTask(str(stage), split, i, fi, rows, row_group_size)
+                     for fi, (split, i, rows) in enumerate(layout)]
+            results: dict[int, tuple[int, int]] = {}
+            bar = tqdm(total=num_rows, desc="synth: writing", unit="rows", unit_scale=True, disable=not progress,
+                       file=sys.stderr, leave=False, dynamic_ncols=True)
+            with bar:
+                if workers == 1 or len(tasks) == 1:
+                    for t in tasks:
+                        results[t.file_index] = _write_file(plan, t)
+                        bar.update(t.num_rows)
+                else:
+                    ctx = mp.get_context("spawn")
+                    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker,
+                                  initargs=(plan, os.getpid())) as pool:
+                        for fi, rows, pos in pool.imap_unordered(_run_task, tasks):
+                            results[fi] = (rows, pos)
+                            bar.update(rows)
+            splits: dict[str, SplitInfo] = {}
+            positives: dict[str, int] = {}
+            for t in tasks:
+                info = splits.setdefault(t.split, SplitInfo(files=[], num_rows=0))
+                info.files.append(f"{t.split}/part-{t.index_in_split:05d}.parquet")
+                info.num_rows += results[t.file_index][0]
+                positives[t.split] = positives.get(t.split, 0) + results[t.file_index][1]
 
-    plan = _make_plan(seed, cards, multi_hot_fields, multi_hot_max_len)
-    plan.bias = _calibrate(plan)
-
-    with staged_output(out) as stage:
-        tasks = [_FileTask(str(stage), split, i, fi, rows, row_group_size)
-                 for fi, (split, i, rows) in enumerate(layout)]
-        results: dict[int, tuple[int, int]] = {}
-        bar = tqdm(total=num_rows, desc="synth: writing", unit="rows", unit_scale=True, disable=not progress,
-                   file=sys.stderr, leave=False, dynamic_ncols=True)
-        with bar:
-            if workers == 1 or len(tasks) == 1:
-                for t in tasks:
-                    results[t.file_index] = _write_file(plan, t)
-                    bar.update(t.num_rows)
+            # train-split id counts, one field at a time (memory: one bincount of num_embeddings)
+            count_tasks = [(str(stage), f.name, f.cardinality + 1, splits["train"].files) for f in plan.fields]
+            count_tasks.sort(key=lambda a: -a[2])
+            if workers == 1:
+                for a in count_tasks:
+                    _count_field(a)
             else:
                 ctx = mp.get_context("spawn")
-                with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(plan,)) as pool:
-                    for fi, rows, pos in pool.imap_unordered(_run_task, tasks):
-                        results[fi] = (rows, pos)
-                        bar.update(rows)
-        splits: dict[str, SplitInfo] = {}
-        positives: dict[str, int] = {}
-        for t in tasks:
-            info = splits.setdefault(t.split, SplitInfo(files=[], num_rows=0))
-            info.files.append(f"{t.split}/part-{t.index_in_split:05d}.parquet")
-            info.num_rows += results[t.file_index][0]
-            positives[t.split] = positives.get(t.split, 0) + results[t.file_index][1]
+                with ctx.Pool(min(workers, len(count_tasks)), initializer=die_with_parent,
+                              initargs=(signal.SIGKILL, os.getpid())) as pool:
+                    list(pool.imap_unordered(_count_field, count_tasks))
 
-        # train-split id counts, one field at a time (memory: one bincount of num_embeddings)
-        count_tasks = [(str(stage), f.name, f.cardinality + 1, splits["train"].files) for f in plan.fields]
-        count_tasks.sort(key=lambda a: -a[2])
-        if workers == 1:
-            for a in count_tasks:
-                _count_field(a)
-        else:
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(min(workers, len(count_tasks))) as pool:
-                list(pool.imap_unordered(_count_field, count_tasks))
-
-        planted = {}
-        partners: dict[int, list[str]] = {}
-        for f, g, m, w in plan.pairs:
-            partners.setdefault(f, []).append(plan.fields[g].name)
-            partners.setdefault(g, []).append(plan.fields[f].name)
-        for f in plan.fields:
-            planted[f.name] = {
-                "signal": f.signal, "rank": f.rank, "index": f.index, "cardinality": f.cardinality,
-                "zipf_exponent": f.zipf_exponent, "oov_rate": f.oov_rate, "multi_hot": f.multi_hot,
-                "direction": [] if f.direction is None or not f.rank else [float(x) for x in f.direction],
-                "partners": partners.get(f.index, []),
-            }
-        dense_names = [f"I{j + 1}" for j in range(NUM_DENSE)]
-        manifest = Manifest(
-            label=LABEL,
-            dense=dense_names,
-            sparse=[SparseField(f.name, f.cardinality + 1, f.multi_hot) for f in plan.fields],
-            splits=splits,
-            source="synth",
-            extra={
-                "seed": seed,
-                "formula_version": FORMULA_VERSION,
-                "preset": preset if cardinalities is None else "custom",
-                "num_rows": num_rows,
-                "num_files": num_files,
-                "row_group_size": row_group_size,
-                "cardinality_cap": cardinality_cap,
-                "multi_hot_fields": multi_hot_fields,
-                "multi_hot_max_len": multi_hot_max_len,
-                "positive_rate": {s: positives[s] / max(1, splits[s].num_rows) for s in splits},
-                "planted": planted,
-                "planted_model": {
-                    "formula_version": FORMULA_VERSION,
+            planted = {}
+            partners: dict[int, list[str]] = {}
+            for f, g, m, w in plan.pairs:
+                partners.setdefault(f, []).append(plan.fields[g].name)
+                partners.setdefault(g, []).append(plan.fields[f].name)
+            for f in plan.fields:
+                planted[f.name] = {
+                    "signal": f.signal, "rank": f.rank, "index": f.index, "cardinality": f.cardinality,
+                    "zipf_exponent": f.zipf_exponent, "oov_rate": f.oov_rate, "multi_hot": f.multi_hot,
+                    "direction": [] if f.direction is None or not f.rank else [float(x) for x in f.direction],
+                    "partners": partners.get(f.index, []),
+                }
+            dense_names = [f"I{j + 1}" for j in range(NUM_DENSE)]
+            manifest = Manifest(
+                label=LABEL,
+                dense=dense_names,
+                sparse=[SparseField(f.name, f.cardinality + 1, f.multi_hot) for f in plan.fields],
+                splits=splits,
+                source="synth",
+                extra={
                     "seed": seed,
-                    "formula": "logit = bias + sum_f signal_f*<u_f(id_f), direction_f> "
-                               "+ sum_pairs weight*<u_f[:dims], u_g[:dims]>/sqrt(dims) "
-                               "+ sum_j dense_weight_j*(I_j - dense_center_j); label ~ Bernoulli(sigmoid(logit)); "
-                               "u_f(id) ~ N(0, I_rank) by SplitMix64 hash of (seed, field index, id), u_f(0)=0; "
-                               "multi-hot: mean of u_f over the row's ids",
-                    "bias": plan.bias,
-                    "target_positive_rate": TARGET_POSITIVE_RATE,
-                    "pairs": [{"fields": [plan.fields[f].name, plan.fields[g].name], "dims": m, "weight": w}
-                              for f, g, m, w in plan.pairs],
-                    "dense": {n: {"weight": float(plan.dense_weight[j]), "center": float(plan.dense_center[j])}
-                              for j, n in enumerate(dense_names)},
+                    "formula_version": FORMULA_VERSION,
+                    "preset": preset if cardinalities is None else "custom",
+                    "num_rows": num_rows,
+                    "num_files": num_files,
+                    "row_group_size": row_group_size,
+                    "cardinality_cap": cardinality_cap,
+                    "multi_hot_fields": multi_hot_fields,
+                    "multi_hot_max_len": multi_hot_max_len,
+                    "positive_rate": {s: positives[s] / max(1, splits[s].num_rows) for s in splits},
+                    "planted": planted,
+                    "planted_model": {
+                        "formula_version": FORMULA_VERSION,
+                        "seed": seed,
+                        "formula": "logit = bias + sum_f signal_f*<u_f(id_f), direction_f> "
+                                   "+ sum_pairs weight*<u_f[:dims], u_g[:dims]>/sqrt(dims) "
+                                   "+ sum_j dense_weight_j*(I_j - dense_center_j); label ~ Bernoulli(sigmoid(logit)); "
+                                   "u_f(id) ~ N(0, I_rank) by SplitMix64 hash of (seed, field index, id), u_f(0)=0; "
+                                   "multi-hot: mean of u_f over the row's ids",
+                        "bias": plan.bias,
+                        "target_positive_rate": TARGET_POSITIVE_RATE,
+                        "pairs": [{"fields": [plan.fields[f].name, plan.fields[g].name], "dims": m, "weight": w}
+                                  for f, g, m, w in plan.pairs],
+                        "dense": {n: {"weight": float(plan.dense_weight[j]), "center": float(plan.dense_center[j])}
+                                  for j, n in enumerate(dense_names)},
+                    },
                 },
-            },
-        )
-        write_manifest(stage, manifest)
-    return manifest
+            )
+            write_manifest(stage, manifest)
+        return manifest
 
 
 __all__ = ["generate_synthetic", "field_contribution", "latent", "zipf_ids", "splitmix64",

@@ -1,7 +1,9 @@
 """Shared helpers of the dataset producers (converters and the synthetic generator).
 
-- ``staged_output``: build a dataset in a temporary folder beside ``--out`` and move it into
-  place at the end (refusing to replace a non-empty folder that is not an embdim dataset);
+- ``claim_output`` / ``staged_output``: lock ``--out`` for the build (one build per output; the
+  staging folders of killed builds are removed), build the dataset in a temporary folder beside
+  it and move it into place at the end (refusing to replace a non-empty folder that is not an
+  embdim dataset, and a dataset without ``overwrite``);
 - ``SplitWriter``: rolling ``part-NNNNN.parquet`` files of fixed-size row groups, each file
   written atomically;
 - ``ValueCounter`` / ``build_vocab`` / ``map_to_ids``: streaming per-field value counts merged
@@ -27,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embdim.trainer.data.manifest import OOV_ID, SPLITS, DatasetError, SplitInfo
-from embdim.trainer.io import atomic_path, atomic_save_npy
+from embdim.trainer.io import atomic_path, atomic_save_npy, make_dirs, naming_storage_errors, output_lock
 
 DEFAULT_ROW_GROUP_SIZE = 65536
 DEFAULT_ROWS_PER_FILE = 2_000_000
@@ -43,17 +45,41 @@ MULTI_HOT_TYPE = pa.list_(pa.int64())
 # output folder
 
 
-def check_output_dir(out: str | Path) -> Path:
-    """Raises unless ``out`` is absent, empty, or a previous embdim dataset (has dataset.json)."""
+def check_output_dir(out: str | Path, *, overwrite: bool = False) -> Path:
+    """Raises unless ``out`` is absent, empty, or (with ``overwrite``) a previous embdim dataset."""
     out = Path(out)
     if out.exists():
         if not out.is_dir():
             raise DatasetError(f"{out}: --out exists and is not a folder")
-        if any(out.iterdir()) and not (out / "dataset.json").is_file():
+        if (out / "dataset.json").is_file():
+            if not overwrite:
+                raise DatasetError(f"{out}: --out already holds a dataset (dataset.json); give --overwrite to "
+                                   "replace it, or another --out")
+        elif any(out.iterdir()):
             raise DatasetError(
                 f"{out}: --out is a non-empty folder that is not an embdim dataset (no dataset.json); "
                 "refusing to overwrite it")
     return out
+
+
+def _staging_prefixes(out: Path) -> tuple[str, str]:
+    return f".{out.name}.building-", f".{out.name}.old-"
+
+
+@contextmanager
+def claim_output(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """The output folder of a dataset build, for the whole build: locked against a second job
+    (``trainer.io.output_lock``, a lock file beside it), checked (``check_output_dir``), and rid
+    of the staging folders of builds that were killed before they could remove them (under the
+    lock, no live build owns them)."""
+    out = Path(out).absolute()
+    with output_lock(out, inside=False):
+        check_output_dir(out, overwrite=overwrite)
+        if out.parent.is_dir():
+            for entry in out.parent.iterdir():
+                if entry.is_dir() and entry.name.startswith(_staging_prefixes(out)):
+                    shutil.rmtree(entry, ignore_errors=True)
+        yield out
 
 
 def _relax_permissions(root: Path) -> None:
@@ -70,26 +96,29 @@ def _relax_permissions(root: Path) -> None:
 
 
 @contextmanager
-def staged_output(out: str | Path) -> Iterator[Path]:
+def staged_output(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yields a fresh temporary folder beside ``out``; on success it replaces ``out``.
 
     On error the temporary folder is removed and ``out`` is left untouched. A previous dataset at
-    ``out`` is replaced only once the new one is complete.
+    ``out`` is replaced (with ``overwrite``) only once the new one is complete. Run it inside
+    ``claim_output``: the lock keeps a second build out of ``out``.
     """
-    out = check_output_dir(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    out = check_output_dir(out, overwrite=overwrite).absolute()
+    make_dirs(out.parent)
+    with naming_storage_errors(out.parent):
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefixes(out)[0], dir=out.parent))
     try:
         yield staging
-        _relax_permissions(staging)
-        check_output_dir(out)
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "dataset")  # move the previous dataset aside (same filesystem)
-        os.replace(staging, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with naming_storage_errors(out):
+            _relax_permissions(staging)
+            check_output_dir(out, overwrite=overwrite)
+            old = None
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=_staging_prefixes(out)[1], dir=out.parent))
+                os.replace(out, old / "dataset")  # move the previous dataset aside (same filesystem)
+            os.replace(staging, out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -146,14 +175,16 @@ class SplitWriter:
         self._index += 1
         self._stack = ExitStack()
         tmp = self._stack.enter_context(atomic_path(self.root / rel))
-        self._writer = pq.ParquetWriter(tmp, self.schema, compression=self.compression)
         self._rel = rel
+        with naming_storage_errors(self.root / rel):
+            self._writer = pq.ParquetWriter(tmp, self.schema, compression=self.compression)
         self._file_rows = 0
 
     def _close_file(self) -> None:
         if self._writer is None:
             return
-        self._writer.close()
+        with naming_storage_errors(self.root / self._rel):
+            self._writer.close()
         self._writer = None
         assert self._stack is not None
         self._stack.close()  # renames the temporary file onto its final name
@@ -164,7 +195,8 @@ class SplitWriter:
         if self._writer is None:
             self._open()
         assert self._writer is not None
-        self._writer.write_table(table, row_group_size=table.num_rows)
+        with naming_storage_errors(self.root / self._rel):
+            self._writer.write_table(table, row_group_size=table.num_rows)
         self._file_rows += table.num_rows
         self.num_rows += table.num_rows
         if self.rows_per_file is not None and self._file_rows >= self.rows_per_file:
@@ -336,8 +368,23 @@ def split_sizes(total_rows: int, fractions: tuple[Fraction, Fraction, Fraction])
     return cut1, cut2 - cut1, total_rows - cut2
 
 
-def dense_transform(x: np.ndarray) -> np.ndarray:
-    """log(1 + max(x, 0)) as float32; NaN (missing) -> 0."""
+NEGATIVE_DENSE = {
+    "clip": "log(1 + max(x, 0))",
+    "signed-log": "sign(x) * log(1 + |x|)",
+    "error": "log(1 + x); negative values are an error",
+}
+"""What ``dense_transform`` does with each ``negative`` mode (recorded in dataset.json)."""
+
+
+def dense_transform(x: np.ndarray, negative: str = "clip") -> np.ndarray:
+    """The dense feature transform as float32; NaN (missing) -> 0. ``negative``: "clip" =
+    log(1 + max(x, 0)) (the DLRM reference's, negative values become 0), "signed-log" =
+    sign(x) log(1 + |x|) (keeps them, symmetric), "error" = log(1 + x) (the caller has refused
+    negative values)."""
+    if negative not in NEGATIVE_DENSE:
+        raise ValueError(f"negative dense mode must be one of {sorted(NEGATIVE_DENSE)}, got {negative!r}")
     x = np.asarray(x, np.float64)
     x = np.where(np.isnan(x), 0.0, x)
+    if negative == "signed-log":
+        return (np.sign(x) * np.log1p(np.abs(x))).astype(np.float32)
     return np.log1p(np.maximum(x, 0.0)).astype(np.float32)
