@@ -249,7 +249,7 @@ def run_search(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, 
     method.check_budget(budget)
     if getattr(method, "requires_search_training", True):
         for note in method.fit_schedule(training_schedule(config, manifest, env)):
-            logger.info("%s", note)
+            logger.warning("%s", note)
     plan_path = run_dir / "plan.json"
     metrics: dict[str, Any] = {}
     if not getattr(method, "requires_search_training", True):
