@@ -94,16 +94,18 @@ def embedding_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))]
 
 
-def _table_names(module: nn.Module) -> list[str]:
-    if isinstance(module, EmbeddingBagCollection):
-        return [c.name for c in module.embedding_bag_configs()]
-    return [c.name for c in module.embedding_configs()]
+def _table_rows(module: nn.Module) -> list[tuple[str, int]]:
+    configs = module.embedding_bag_configs() if isinstance(module, EmbeddingBagCollection) else module.embedding_configs()
+    return [(c.name, c.num_embeddings) for c in configs]
 
 
-def build_constraints(model: nn.Module, config: ShardingConfig, device_type: str) -> dict[str, ParameterConstraints]:
+def build_constraints(model: nn.Module, config: ShardingConfig, device_type: str,
+                      world_size: int = 1) -> dict[str, ParameterConstraints]:
     """Per-table ``ParameterConstraints`` from ``[sharding]``: the forced sharding type (unless
     "auto") and the compute kernel. ``data_parallel`` tables use the DENSE kernel, the only one
-    TorchRec offers for them."""
+    TorchRec offers for them. A table with fewer rows than ``world_size`` is never row-wise:
+    a rank would hold an empty shard, on which FBGEMM's CPU backward fails ("free(): invalid
+    size", or "more than 2B rows"); size plans make such tables (a width group of one id)."""
     if config.compute_kernel == "fused_uvm_caching" and device_type != "cuda":
         raise ConfigError("sharding.compute_kernel: 'fused_uvm_caching' needs CUDA; use 'fused' on CPU")
     if config.sharding_type == ShardingType.DATA_PARALLEL.value:
@@ -125,12 +127,14 @@ def build_constraints(model: nn.Module, config: ShardingConfig, device_type: str
             restricted.update(module.sharding_constraints())
     constraints = {}
     for _, module in embedding_modules(model):
-        for name in _table_names(module):
+        for name, rows in _table_rows(module):
             if name in constraints:
                 raise ValueError(f"embedding table name {name!r} is used twice in the model; table names must be unique")
             types = sharding_types
+            if rows < world_size:
+                types = [t for t in types if t not in _ROW_WISE_TYPES] or [ShardingType.TABLE_WISE.value]
             if name in restricted:
-                types = [t for t in sharding_types if t in restricted[name]]
+                types = [t for t in types if t in restricted[name]]
                 if not types:
                     raise ConfigError(f"sharding.sharding_type: table {name!r} can only be sharded as "
                                       f"{restricted[name]}, not {sharding_types}")
@@ -174,7 +178,7 @@ def plan_model(model: nn.Module, env: DistEnv, config: Config) -> ShardingPlan:
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=config.data.batch_size,
-        constraints=build_constraints(model, config.sharding, env.device.type),
+        constraints=build_constraints(model, config.sharding, env.device.type, env.world_size),
         debug=False,
     )
     return planner.collective_plan(model, get_sharders(config.sharding.comm_precision), env.pg)
