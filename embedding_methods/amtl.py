@@ -18,7 +18,8 @@ abstract and secondary sources establish and marks the rest as design. This file
   cumulative sum from the right, expanded to dims), applied to each looked-up row before pooling
   (``mask_aware.MaskAwareEmbedding``).
 - Loss: task loss + ``lambda * F`` + ``budget_weight * relu(F - budget)``, where ``F`` is the
-  expected parameter fraction ``sum_i E_p[width_i] / (N * D)`` over *every row of every table*.
+  expected parameter fraction ``sum_i E_p[width_i] / (N * D)`` over *every row of every table*
+  (exactly the achieved fraction of a ``pad`` plan drawn from p: rows x widths over N x D).
   The paper trains on the task loss alone (docs/methods.md#amtl marks the width penalty as design). Because
   an id's mask depends only on its count, F is computed exactly from the distinct counts of each
   field weighted by their multiplicities, not estimated from a batch (a batch over-represents
@@ -27,10 +28,16 @@ abstract and secondary sources establish and marks the rest as design. This file
   by default), so a warm-started model (``amtl_from_baseline``) is unchanged at step 0; the paper
   stresses that AMTL can be added to a trained model.
 
-Export: ``k_i`` = the argmax width of every id, computed on the rank that holds the id's side row,
-then grouped by width (``embedding_methods.grouping``). AMTL never prunes an id (its narrowest
-width is 4). The budget is a soft training penalty: the exported plan's fraction is reported, not
-forced (unlike PME's exact threshold).
+Export: per distinct count of every field, the mask nets' ``log p(width)``; without a budget every
+id takes its argmax width. With one, the plan meets it: the export projects the per-id widths onto
+the budget by choosing the assignment of highest total log-probability whose parameters, as the
+plan's layout stores them, are at most the budget (``widths_for_budget``: a Lagrangian price per
+parameter, bisected, then single ids of the boundary profiles widened while they fit), so the plan
+ends within one id's width step of the budget and distinct budgets give distinct plans. The ids
+moved and the fractions before and after are logged and kept in ``plan.extra["budget_projection"]``.
+Ids are grouped by width (``embedding_methods.grouping``). AMTL never prunes an id (its narrowest
+width is 4), so its floor is every id at width 4. The training penalty F counts what a ``pad`` plan
+stores (rows x widths over N x D); under ``project`` the projections are counted at export only.
 
 Warm start (``warm_start``, ``--init-from``): a trained baseline's full-width tables are loaded
 into the search tables straight from its DCP checkpoint (``amtl_warm_start_keys`` maps the keys).
@@ -53,11 +60,12 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from embdim.embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext
+from embdim.embedding_methods.base import BudgetError, EmbeddingMethod, FieldSpec, SearchContext, uniform_floor
 from embdim.embedding_methods.gemm import batched_affine
-from embdim.embedding_methods.grouping import allowed_widths, retrain_init_state_from_tables, size_plan_from_widths
+from embdim.embedding_methods.grouping import (allowed_widths, retrain_init_state_from_tables, size_plan_from_widths,
+                                               widths_from_field_plan)
 from embdim.embedding_methods.mask_aware import (NUM_SIDE_FEATURES, MaskAwareEmbedding, copy_into_table, main_table_name,
-                                          side_features, side_table_name)
+                                          side_features)
 from embdim.embedding_methods.plan import SizePlan
 
 logger = logging.getLogger(__name__)
@@ -335,6 +343,96 @@ class AMTLMaskNet(nn.Module):
         return buckets
 
 
+@dataclass(frozen=True)
+class CountProfiles:
+    """The mask nets' scores of one field, per distinct train count (ids with equal counts have
+    equal side rows, hence equal scores)."""
+
+    inverse: np.ndarray
+    """``[num_embeddings]`` int64: the profile (distinct count) of every id."""
+    multiplicity: np.ndarray
+    """``[U]`` int64: ids per profile."""
+    log_probs: np.ndarray
+    """``[U, K]`` float64: ``log softmax(h / T)`` over the widths 4, 8, ..., D."""
+
+
+def widths_for_budget(profiles: list[CountProfiles], widths: np.ndarray,
+                      table_params: float) -> tuple[list[np.ndarray], float]:
+    """Per-id widths maximising ``sum_i log p_i(w_i)`` subject to ``sum_i w_i <= table_params``.
+
+    A multiple-choice knapsack, solved by its Lagrangian: for a price ``lam`` per parameter every
+    id takes ``argmax_k log p(k) - lam * width_k`` (ties to the narrower width), whose total width
+    does not grow with ``lam``; bisection finds the boundary price, where every profile is either
+    settled or switches between two widths. The ids of switching profiles (in order of log-prob
+    gained per parameter, then field, then id) then take the wider width while the total fits, so
+    the result is within one id's width step of ``table_params`` (all ids at D when that fits).
+
+    Args:
+        profiles: per field, the scores per distinct count (``AMTL.width_scores``).
+        widths: the K widths ``4, 8, ..., D`` of the score columns, ascending.
+        table_params: the most table parameters (rows x widths) allowed.
+
+    Returns:
+        ``(per-field [num_embeddings] int64 widths, the price lam)``. Raises ``ValueError`` when
+        even every id at the narrowest width exceeds ``table_params``.
+    """
+    widths = np.asarray(widths, dtype=np.int64)
+    total_ids = sum(int(p.multiplicity.sum()) for p in profiles)
+
+    def choose(lam: float) -> list[np.ndarray]:
+        return [np.argmax(p.log_probs - lam * widths[None, :], axis=1) for p in profiles]
+
+    def params(choice: list[np.ndarray]) -> int:
+        return int(sum((p.multiplicity * widths[c]).sum() for p, c in zip(profiles, choice)))
+
+    def expand(choice: list[np.ndarray]) -> list[np.ndarray]:
+        return [widths[c][p.inverse] for p, c in zip(profiles, choice)]
+
+    if total_ids * widths[-1] <= table_params:
+        return [np.full(len(p.inverse), widths[-1], dtype=np.int64) for p in profiles], -math.inf
+    if total_ids * widths[0] > table_params:
+        raise ValueError(f"table_params={table_params:.0f} is below every id at width {widths[0]} "
+                         f"({total_ids * widths[0]})")
+    spread = max(float(np.ptp(p.log_probs)) for p in profiles) if profiles else 0.0
+    step = float(np.diff(widths).min()) if len(widths) > 1 else 1.0
+    # Beyond +-(spread / step) the price alone decides: every id at the narrowest (widest) width.
+    low, high = -(spread / step + 1.0), spread / step + 1.0  # params(low) > table_params >= params(high)
+    for _ in range(200):
+        middle = 0.5 * (low + high)
+        if middle in (low, high):
+            break
+        if params(choose(middle)) <= table_params:
+            high = middle
+        else:
+            low = middle
+    below, above = choose(high), choose(low)
+    result = expand(below)
+    gap = table_params - params(below)
+    # Ids whose profile switches at the boundary price: widen them in order while the total fits.
+    field_of, ids, cost, gain = [], [], [], []
+    for i, (p, b, a) in enumerate(zip(profiles, below, above)):
+        switching = np.flatnonzero(a != b)
+        if not len(switching):
+            continue
+        delta = (widths[a] - widths[b]).astype(np.int64)
+        per_param = np.zeros(len(b))
+        per_param[switching] = ((p.log_probs[switching, a[switching]] - p.log_probs[switching, b[switching]])
+                                / delta[switching])
+        member = np.flatnonzero(a[p.inverse] != b[p.inverse])
+        field_of.append(np.full(len(member), i))
+        ids.append(member)
+        cost.append(delta[p.inverse[member]])
+        gain.append(per_param[p.inverse[member]])
+    if ids:
+        field_of, ids, cost, gain = (np.concatenate(x) for x in (field_of, ids, cost, gain))
+        order = np.lexsort((ids, field_of, -gain))
+        take = order[np.cumsum(cost[order]) <= gap]
+        for i in np.unique(field_of[take]):
+            sel = take[field_of[take] == i]
+            result[i][ids[sel]] += cost[sel]
+    return result, high
+
+
 def _check(ok: bool, key: str, message: str, value: Any) -> None:
     if not ok:
         raise ValueError(f"amtl.{key}: {message}, got {value!r}")
@@ -446,55 +544,144 @@ class AMTL(EmbeddingMethod):
 
     # -- export ---------------------------------------------------------------------------------
 
-    def searched_widths(self, module: nn.Module, context: SearchContext) -> list[np.ndarray]:
-        """Argmax width of every id of every field (identical on every rank; collective).
+    def width_scores(self, module: nn.Module, context: SearchContext) -> list[CountProfiles]:
+        """``log p(width | id)`` of every field, per distinct train count (identical on every rank;
+        collective).
 
-        Each rank evaluates the mask nets on its own side-table rows; the choices are summed over
-        ranks into one int array per field. ``local_rows`` must yield every row on exactly one rank.
+        An id's side row is a function of its count alone (``mask_aware.side_features``), so the
+        mask nets are evaluated once per distinct count, as the training penalty is. Each rank
+        evaluates the (replicated) nets; the scores are then averaged over ranks with one
+        all-reduce, which hands every rank the same bits whatever its floating-point order.
         """
         module = _search_module(module)
         if int(module.side_filled) != 1:
             raise RuntimeError("amtl: the side table was never filled (init_search_state)")
         net = _mask_net(module)
         device = net._device()
+        ranks = float(context.all_reduce_sum(torch.ones(1, dtype=torch.float64, device=device))[0])
         result = []
         with torch.no_grad():
             for f in self.fields:
-                code = torch.zeros(f.num_embeddings, dtype=torch.int64, device=device)
-                cover = torch.zeros(f.num_embeddings, dtype=torch.int64, device=device)
-                for first, rows in context.local_rows(side_table_name(f.name)):
-                    n = rows.shape[0]
-                    code[first:first + n] += net.choices(f.name, rows.to(device, torch.float32)) + 1
-                    cover[first:first + n] += 1
-                code, cover = context.all_reduce_sum(code), context.all_reduce_sum(cover)
-                if bool((cover != 1).any()):
-                    bad = int((cover != 1).nonzero()[0])
-                    raise RuntimeError(f"amtl: side table of {f.name!r}: row {bad} was yielded by "
-                                       f"{int(cover[bad])} ranks; local_rows must yield each row exactly once")
-                result.append(net.widths[(code - 1).cpu().numpy()])
+                counts = np.asarray(context.counts(f.name))
+                values, inverse, multiplicity = np.unique(counts, return_inverse=True, return_counts=True)
+                side = torch.from_numpy(side_features(values, counts)).to(device)
+                logits = net.logits(f.name, side).double()
+                log_probs = torch.log_softmax(logits / net.temperature, dim=-1)
+                log_probs = context.all_reduce_sum(log_probs) / ranks
+                result.append(CountProfiles(inverse.reshape(-1).astype(np.int64), multiplicity.astype(np.int64),
+                                            log_probs.cpu().numpy()))
         return result
 
+    def searched_widths(self, module: nn.Module, context: SearchContext) -> list[np.ndarray]:
+        """Argmax width of every id of every field, the mask nets' own choice before the budget
+        (identical on every rank; collective)."""
+        widths = allowed_widths(self.embedding_dim)
+        return [widths[p.log_probs.argmax(axis=1)][p.inverse] for p in self.width_scores(module, context)]
+
+    def budget_floor(self) -> tuple[float, str]:
+        return (uniform_floor([f.num_embeddings for f in self.fields], self.embedding_dim, self.layout),
+                f"every id at width 4 (AMTL prunes no id), {self.layout} layout")
+
     def export_plan(self, module: nn.Module, context: SearchContext) -> SizePlan:
-        """Per-id argmax widths grouped by width. Collective: every rank must call it."""
+        """Per-id widths grouped by width, projected onto the budget. Collective: every rank must call it.
+
+        Without a budget every id takes its argmax width. With one, the widths are those that
+        maximise ``sum_i log p_i(w_i)`` (the most probable assignment under the mask nets) subject
+        to the plan's parameters, as its layout stores them, being at most the budget, filled to
+        within one id's width step of it (``widths_for_budget``); what this changed against the
+        argmax is logged and recorded in ``plan.extra["budget_projection"]``.
+        """
         if context.embedding_dim != self.embedding_dim:
             raise ValueError(f"amtl: context.embedding_dim={context.embedding_dim}, the method has {self.embedding_dim}")
-        widths = self.searched_widths(module, context)
+        profiles = self.width_scores(module, context)
+        choices = allowed_widths(self.embedding_dim)
+        argmax = [choices[p.log_probs.argmax(axis=1)][p.inverse] for p in profiles]
         with torch.no_grad():
             expected = float(_mask_net(_search_module(module)).expected_param_fraction())
         cfg = self.config
-        extra = {
-            "config": asdict(cfg),
-            "expected_param_fraction": expected,
-            "mean_width": {f.name: float(w.mean()) for f, w in zip(self.fields, widths)},
-            "retrain_init": cfg.retrain_init,
-        }
         budget = cfg.budget if 0 < cfg.budget < 1 else context.budget
-        plan = size_plan_from_widths(self.name, self.embedding_dim, [f.name for f in self.fields], widths,
-                                     layout=self.layout, max_groups=cfg.max_groups,
-                                     budget=budget if budget < 1 else None,
-                                     extra=extra)
+        names = [f.name for f in self.fields]
+
+        def make_plan(widths: list[np.ndarray]) -> SizePlan:
+            return size_plan_from_widths(self.name, self.embedding_dim, names, widths, layout=self.layout,
+                                         max_groups=cfg.max_groups, budget=budget if budget < 1 else None)
+
+        plan = make_plan(argmax)
+        extra: dict[str, Any] = {"config": asdict(cfg), "expected_param_fraction": expected,
+                                 "retrain_init": cfg.retrain_init, "fallbacks": []}
+        if budget < 1:
+            before = plan.achieved_fraction()
+            target = budget * plan.full_params()
+            # Under project every width group costs its projection (w x D) on top of the tables,
+            # which on small tables can exceed the budget whatever the ids do: then only the
+            # narrowest and the full width are offered (one projection per field at most).
+            subsets = [np.arange(len(choices))]
+            if self.layout == "project" and len(choices) > 2:
+                subsets.append(np.array([0, len(choices) - 1]))
+            fits = []
+            for columns in subsets:
+                fitted = self._fit_widths(profiles, choices, columns, target, make_plan)
+                if fitted is not None:
+                    fits.append((columns, fitted))
+                    if fitted[0].num_params() >= 0.95 * target:
+                        break
+            if not fits:
+                raise BudgetError(self.name, budget, *self.budget_floor())
+            # The first width set that reaches 0.95 x budget, else the one closest to it.
+            columns, (plan, widths, lam) = (fits[-1] if fits[-1][1][0].num_params() >= 0.95 * target
+                                            else max(fits, key=lambda f: f[1][0].num_params()))
+            if len(columns) < len(choices):
+                extra["fallbacks"].append(f"{self.layout} layout: with a projection per width group the budget "
+                                          f"{budget:g} is not filled; widths restricted to {choices[columns].tolist()}")
+                logger.warning("amtl: %s", extra["fallbacks"][-1])
+            narrowed = int(sum(((w < a) & (w > 0)).sum() for w, a in zip(widths, argmax)))
+            widened = int(sum((w > a).sum() for w, a in zip(widths, argmax)))
+            extra["budget_projection"] = {"fraction_before": before, "fraction_after": plan.achieved_fraction(),
+                                          "ids_narrowed": narrowed, "ids_widened": widened, "lambda": lam}
+            logger.info("amtl: budget %.4f: projected the argmax plan (fraction %.4f) onto it: %d ids narrowed, %d "
+                        "widened, fraction %.4f", budget, before, narrowed, widened, plan.achieved_fraction())
+            if plan.achieved_fraction() < 0.95 * budget:
+                extra["fallbacks"].append(f"fraction {plan.achieved_fraction():.4f} is below 0.95 x budget {budget:g}: "
+                                          f"projections or merged groups ({self.layout} layout, max_groups="
+                                          f"{cfg.max_groups}) took the rest")
+                logger.warning("amtl: %s", extra["fallbacks"][-1])
+        extra["mean_width"] = {f.name: float(widths_from_field_plan(fp).mean()) for f, fp in zip(self.fields, plan.fields)}
+        plan.extra = extra
         logger.info("amtl: achieved fraction %.4f (expected %.4f)", plan.achieved_fraction(), expected)
         return plan
+
+    @staticmethod
+    def _fit_widths(profiles: list[CountProfiles], choices: np.ndarray, columns: np.ndarray, target: float,
+                    make_plan: Any) -> tuple[SizePlan, list[np.ndarray], float] | None:
+        """``widths_for_budget`` over the widths ``choices[columns]`` with the largest tables' share
+        whose plan, projections and merged groups included, fits ``target`` (bisected: those extras
+        grow with the tables, stepwise). None when even every id at the narrowest width does not fit."""
+        restricted = [CountProfiles(p.inverse, p.multiplicity, p.log_probs[:, columns]) for p in profiles]
+        widths_here = choices[columns]
+
+        def fit(table_target: float) -> tuple[SizePlan, list[np.ndarray], float]:
+            widths, lam = widths_for_budget(restricted, widths_here, table_target)
+            return make_plan(widths), widths, lam
+
+        best = fit(target)
+        if best[0].num_params() <= target:
+            return best
+        low, high = float(widths_here[0] * sum(len(p.inverse) for p in profiles)), float(target)
+        best = fit(low)
+        if best[0].num_params() > target:
+            return None
+        for _ in range(40):  # low fits, high does not
+            if high - low < 1:
+                break
+            middle = 0.5 * (low + high)
+            candidate = fit(middle)
+            if candidate[0].num_params() <= target:
+                low = middle
+                if candidate[0].num_params() > best[0].num_params():
+                    best = candidate
+            else:
+                high = middle
+        return best
 
     def wants_retrain_init(self) -> bool:
         return self.config.retrain_init == "inherit"

@@ -15,11 +15,18 @@ retrain
     ``retrain_module(plan)`` (shared, in ``embedding_methods.mixed_dim``) builds the compact
     mixed-dimension module from the plan, whatever method produced it.
 
+Before any training the trainer asks the method two things, with plain numbers only:
+``check_budget(budget)`` raises ``BudgetError`` (one wording for every method, naming the floor)
+when no plan of the method fits the budget, and ``fit_schedule(schedule)`` lets a method whose
+settings count training steps (PME's saliency batches) adapt them to the steps the data gives,
+or fail naming the setting to change. Adaptations are recorded in ``plan.extra["adaptations"]``.
+
 Methods are registered by name in ``embedding_methods.METHODS``.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
@@ -30,7 +37,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from embdim.embedding_methods.plan import LAYOUTS
+from embdim.embedding_methods.plan import LAYOUTS, WIDTH_MULTIPLE, layout_projection_params
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,51 @@ class FieldSpec:
     """Cardinality of the field (ids in [0, num_embeddings))."""
     multi_hot: bool = False
     """True when a row can carry several ids of this field."""
+
+
+class BudgetError(ValueError):
+    """A budget below the smallest plan a method can make (its floor).
+
+    Every method raises this one exception, with one wording: ``<method>: budget B is below the
+    floor of this method (<what its smallest plan is>); the floor is F``. F is rounded up to 4
+    decimals, so ``--budget F`` is always reachable.
+    """
+
+    def __init__(self, method: str, budget: float, floor: float, reason: str) -> None:
+        self.method, self.budget, self.floor = method, float(budget), float(floor)
+        shown = math.ceil(floor * 1e4 - 1e-9) / 1e4
+        super().__init__(f"{method}: budget {budget:g} is below the floor of this method ({reason}); "
+                         f"the floor is {shown:.4f}")
+
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """The training the search phase will run, known before it starts (from ``dataset.json``,
+    the batch size and the number of ranks)."""
+
+    steps_per_epoch: int
+    """Batches every rank trains on per epoch."""
+    epochs: int
+    """Epochs of the search (``train.epochs``)."""
+    max_steps: int = 0
+    """``train.max_steps`` (0 = no cap)."""
+    world_size: int = 1
+    """Ranks."""
+    batch_size: int = 1
+    """Rows per batch and rank (``data.batch_size``)."""
+    valid_rows: int = 0
+    """Rows of the validation split (0 = the dataset has none)."""
+
+    @property
+    def total_steps(self) -> int:
+        """Training steps the search runs: epochs x steps per epoch, capped by ``max_steps``."""
+        total = self.epochs * self.steps_per_epoch
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def describe(self) -> str:
+        text = (f"{self.steps_per_epoch} batches of {self.batch_size} rows per rank per epoch on {self.world_size} "
+                f"rank(s) x {self.epochs} epoch(s)")
+        return text + (f", train.max_steps={self.max_steps}" if self.max_steps else "")
 
 
 class SearchContext(Protocol):
@@ -107,6 +159,37 @@ class EmbeddingMethod(ABC):
         self.embedding_dim = embedding_dim
         self.layout = layout
         """How the exported plan's narrow groups reach D; the budget counts what it stores."""
+        self.adaptations: list[str] = []
+        """Settings ``fit_schedule`` changed to fit the data, one sentence each."""
+
+    # -- before training ------------------------------------------------------------------------
+
+    def budget_floor(self) -> tuple[float, str]:
+        """``(fraction, what)``: the smallest achieved fraction of any plan this method can export
+        under its layout, and a few words saying what that plan is. Known before training, from
+        the cardinalities alone (0 when every id can be pruned)."""
+        return 0.0, "every id can be pruned"
+
+    def check_budget(self, budget: float | None) -> None:
+        """Raises ``BudgetError`` when ``budget`` (< 1) is below ``budget_floor()``; call it before
+        training, so an unreachable budget costs nothing."""
+        if budget is None or budget >= 1.0:
+            return
+        floor, reason = self.budget_floor()
+        if budget < floor * (1 - 1e-12):
+            raise BudgetError(self.name, budget, floor, reason)
+
+    def fit_schedule(self, schedule: TrainingSchedule) -> list[str]:
+        """Adapts settings that count training steps to ``schedule`` before the search module is
+        built; returns one sentence per change (also kept in ``self.adaptations``, logged by the
+        caller and recorded in the plan). Raises ``ValueError`` naming the one setting to change
+        when it cannot adapt. The default has no such settings."""
+        return []
+
+    def record_adaptations(self, plan: "Any") -> None:
+        """Adds ``self.adaptations`` to ``plan.extra["adaptations"]`` (nothing when there are none)."""
+        if self.adaptations:
+            plan.extra["adaptations"] = [*plan.extra.get("adaptations", []), *self.adaptations]
 
     @abstractmethod
     def search_tables(self) -> list[EmbeddingBagConfig]:
@@ -148,6 +231,14 @@ class EmbeddingMethod(ABC):
             plan: the exported ``SizePlan``.
         """
         return None
+
+
+def uniform_floor(cardinalities: list[int], embedding_dim: int, layout: str) -> float:
+    """Fraction of the plan keeping every id at width 4 (with one ``4 -> D`` projection per field
+    under ``project``): the floor of the methods that never prune an id."""
+    params = WIDTH_MULTIPLE * sum(cardinalities) + layout_projection_params(
+        [WIDTH_MULTIPLE] * len(cardinalities), embedding_dim, layout)
+    return params / (sum(cardinalities) * embedding_dim)
 
 
 def full_width_params(fields: list[FieldSpec], embedding_dim: int) -> int:

@@ -13,14 +13,13 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from embdim.embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext
+from embdim.embedding_methods.base import (BudgetError, EmbeddingMethod, FieldSpec, SearchContext,
+                                           uniform_floor)
 from embdim.embedding_methods.mixed_dim import table_name_for_feature
 from embdim.embedding_methods.plan import WIDTH_MULTIPLE, SizePlan, layout_projection_params, uniform_plan
 from embdim.trainer.config import ConfigError
 
-
-class BudgetError(ValueError):
-    """A parameter budget cannot be met by a method's plans; the message gives the reachable minimum."""
+__all__ = ["BudgetError", "FixedWidth", "fixed_width_for_budget", "full_width_tables", "uniform_params"]
 
 
 def uniform_params(cardinalities: list[int], embedding_dim: int, width: int, layout: str) -> int:
@@ -29,15 +28,20 @@ def uniform_params(cardinalities: list[int], embedding_dim: int, width: int, lay
     return width * sum(cardinalities) + layout_projection_params([width] * len(cardinalities), embedding_dim, layout)
 
 
-def fixed_width_for_budget(cardinalities: list[int], embedding_dim: int, budget: float, layout: str) -> int:
-    """Largest multiple of 4 (at most D) whose uniform plan, as ``layout`` stores it, fits ``budget``."""
+def fixed_width_for_budget(cardinalities: list[int], embedding_dim: int, budget: float, layout: str, *,
+                           method: str = "fixed") -> int:
+    """Largest multiple of 4 (at most D) whose uniform plan, as ``layout`` stores it, fits ``budget``.
+
+    The reachable fractions are those of widths 4, 8, ..., D: multiples of 4 / D under ``pad``, so
+    the plan lands below 0.95 x budget whenever no multiple of 4 / D lies in [0.95 b, b] (at
+    D = 64, budget 0.1 gives width 4, fraction 0.0625). Raises ``BudgetError`` below width 4's.
+    """
     target = budget * sum(cardinalities) * embedding_dim
     for width in range(embedding_dim, 0, -WIDTH_MULTIPLE):
         if uniform_params(cardinalities, embedding_dim, width, layout) <= target:
             return width
-    smallest = uniform_params(cardinalities, embedding_dim, WIDTH_MULTIPLE, layout) / (sum(cardinalities) * embedding_dim)
-    raise BudgetError(f"budget {budget} is below the smallest uniform plan (width {WIDTH_MULTIPLE}, {layout} "
-                      f"layout: fraction {smallest:.4f}); the floor is {smallest:.4f}")
+    raise BudgetError(method, budget, uniform_floor(cardinalities, embedding_dim, layout),
+                      f"every field at width {WIDTH_MULTIPLE}, {layout} layout")
 
 
 def full_width_tables(fields: list[FieldSpec], width: int) -> list[EmbeddingBagConfig]:
@@ -70,6 +74,10 @@ class FixedWidth(EmbeddingMethod):
         super().__init__(config, fields, embedding_dim, layout=layout)
         if config.width > embedding_dim:
             raise ConfigError(f"fixed.width: {config.width} exceeds model.embedding_dim {embedding_dim}")
+
+    def budget_floor(self) -> tuple[float, str]:
+        return (uniform_floor([f.num_embeddings for f in self.fields], self.embedding_dim, self.layout),
+                f"every field at width {WIDTH_MULTIPLE}, {self.layout} layout")
 
     def default_width(self) -> int:
         if self.config.width:

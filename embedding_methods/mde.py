@@ -7,7 +7,11 @@ Each table gets ``d_t = lambda * n_t^(-alpha)`` (the paper's "alpha power rule")
 ``d_t -> D`` projection. Tables with at most ``md_threshold`` rows keep D, as in dlrm's
 ``--md-threshold`` (200). Widths are rounded to multiples of 4 for FBGEMM TBE and clamped to
 ``[4, D]``. For a parameter budget, alpha is bisected (Hetu ``scheduler/md.py`` searches [0, 1];
-we widen the bracket when needed) so that the parameters *including projections* fit it.
+we widen the bracket when needed) so that the parameters *including projections* fit it (tables
+alone under ``search.layout = "pad"``). The plan is the largest of the alpha family at or below
+the budget; that family is a step function of alpha, so on few or very unequal tables it can lie
+below 0.95 x budget (see ``mde_widths``). Below the limit alpha -> inf the search fails before
+training with the shared ``BudgetError``.
 
 No search training: the plan is closed-form; the search module is the full-width collection.
 """
@@ -21,9 +25,9 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from embdim.embedding_methods.base import EmbeddingMethod, SearchContext
-from embdim.embedding_methods.fixed import BudgetError, full_width_tables
-from embdim.embedding_methods.plan import WIDTH_MULTIPLE, SizePlan, uniform_plan
+from embdim.embedding_methods.base import BudgetError, EmbeddingMethod, SearchContext
+from embdim.embedding_methods.fixed import full_width_tables
+from embdim.embedding_methods.plan import WIDTH_MULTIPLE, SizePlan, layout_projection_params, uniform_plan
 from embdim.trainer.config import ConfigError
 
 
@@ -48,23 +52,41 @@ def mde_widths_for_alpha(cardinalities: list[int] | np.ndarray, embedding_dim: i
     return widths
 
 
-def mde_params(cardinalities: list[int] | np.ndarray, embedding_dim: int, widths: np.ndarray) -> int:
-    """Tables plus projections: ``sum_t n_t d_t + sum_{d_t < D} d_t D``."""
+def mde_params(cardinalities: list[int] | np.ndarray, embedding_dim: int, widths: np.ndarray,
+               layout: str = "project") -> int:
+    """Tables plus projections: ``sum_t n_t d_t + sum_{d_t < D} d_t D`` (``project``, MDE's own
+    layout); tables alone under ``pad``."""
     n = np.asarray(cardinalities, dtype=np.int64)
     widths = np.asarray(widths, dtype=np.int64)
-    return int((n * widths).sum() + (widths * embedding_dim)[widths != embedding_dim].sum())
+    return int((n * widths).sum()) + layout_projection_params(widths.tolist(), embedding_dim, layout)
+
+
+def mde_floor_widths(cardinalities: list[int] | np.ndarray, embedding_dim: int, *,
+                     md_threshold: int = 200) -> np.ndarray:
+    """The limit alpha -> inf of the power rule: the smallest table above ``md_threshold`` and every
+    table at or below it keep D, the rest reach width 4 (the narrowest plan MDE can make)."""
+    n = np.asarray(cardinalities, dtype=np.int64)
+    rule = n > md_threshold
+    floor = np.full(len(n), embedding_dim, dtype=np.int64)
+    if rule.any():
+        floor[rule & (n > n[rule].min())] = WIDTH_MULTIPLE
+    return floor
 
 
 def mde_widths(cardinalities: list[int] | np.ndarray, embedding_dim: int, budget: float | None, *,
                md_threshold: int = 200, round_to_power_of_2: bool = False,
-               alpha: float = 0.3) -> tuple[np.ndarray, float]:
+               alpha: float = 0.3, layout: str = "project") -> tuple[np.ndarray, float]:
     """MDE widths and the temperature used: ``alpha`` itself without a budget, else the smallest
-    alpha whose plan (projections included) fits ``budget`` of the full-width parameters.
+    alpha whose plan, as ``layout`` stores it (projections included under ``project``), fits
+    ``budget`` of the full-width parameters.
 
     The parameter count is non-increasing in alpha (every ``(n_min / n_t)^alpha`` is at most 1 and
-    falls with alpha, and rounding is monotone), so bisection finds the boundary. Raises
-    ``BudgetError`` when even the limit alpha -> inf (every rule table at 4 except the smallest)
-    is over budget.
+    falls with alpha, and rounding is monotone), so bisection finds the boundary, and the plan is
+    the largest of the alpha family at or below the budget. That family is a step function of
+    alpha (widths are rounded to multiples of 4 and each table moves alone), so with few tables, or
+    one table holding most rows, its largest fraction at or below the budget can lie under
+    0.95 x budget: MDE's search space has a single parameter. Raises ``BudgetError`` when even the
+    limit alpha -> inf (``mde_floor_widths``) is over budget.
     """
     n = np.asarray(cardinalities, dtype=np.int64)
     if n.ndim != 1 or len(n) == 0 or (n < 1).any():
@@ -77,19 +99,14 @@ def mde_widths(cardinalities: list[int] | np.ndarray, embedding_dim: int, budget
     def params(a: float) -> int:
         w = mde_widths_for_alpha(n, embedding_dim, a, md_threshold=md_threshold,
                                  round_to_power_of_2=round_to_power_of_2)
-        return mde_params(n, embedding_dim, w)
+        return mde_params(n, embedding_dim, w, layout)
 
     if params(0.0) <= target:
         return np.full(len(n), embedding_dim, dtype=np.int64), 0.0
-    rule = n > md_threshold
-    floor = np.full(len(n), embedding_dim, dtype=np.int64)
-    if rule.any():
-        floor[rule & (n > n[rule].min())] = WIDTH_MULTIPLE
-    if mde_params(n, embedding_dim, floor) > target:
-        reachable = mde_params(n, embedding_dim, floor) / (n.sum() * embedding_dim)
-        raise BudgetError(f"MDE cannot meet budget {budget}: the smallest table above md_threshold="
-                          f"{md_threshold} and all tables at or below it keep D={embedding_dim}, the rest "
-                          f"reach width {WIDTH_MULTIPLE}; smallest reachable fraction {reachable:.4f}")
+    floor = mde_floor_widths(n, embedding_dim, md_threshold=md_threshold)
+    if mde_params(n, embedding_dim, floor, layout) > target:
+        raise BudgetError("mde", budget, mde_params(n, embedding_dim, floor, layout) / (n.sum() * embedding_dim),
+                          _floor_reason(md_threshold, embedding_dim))
     lo, hi = 0.0, 1.0
     while params(hi) > target:  # terminates: (n_min / n_t)^alpha -> 0 gives the floor plan
         lo, hi = hi, hi * 2.0
@@ -103,6 +120,11 @@ def mde_widths(cardinalities: list[int] | np.ndarray, embedding_dim: int, budget
             lo = mid
     return mde_widths_for_alpha(n, embedding_dim, hi, md_threshold=md_threshold,
                                 round_to_power_of_2=round_to_power_of_2), hi
+
+
+def _floor_reason(md_threshold: int, embedding_dim: int) -> str:
+    return (f"alpha -> infinity: the smallest table above md_threshold={md_threshold} and every table at or below "
+            f"it keep D={embedding_dim}, the others width {WIDTH_MULTIPLE}, with their projections")
 
 
 class MDE(EmbeddingMethod):
@@ -130,6 +152,12 @@ class MDE(EmbeddingMethod):
             if not isinstance(self.round_to_power_of_2, bool):
                 raise ConfigError(f"mde.round_to_power_of_2: must be true or false, got {self.round_to_power_of_2!r}")
 
+    def budget_floor(self) -> tuple[float, str]:
+        n = [f.num_embeddings for f in self.fields]
+        widths = mde_floor_widths(n, self.embedding_dim, md_threshold=self.config.md_threshold)
+        return (mde_params(n, self.embedding_dim, widths, self.layout) / (sum(n) * self.embedding_dim),
+                _floor_reason(self.config.md_threshold, self.embedding_dim))
+
     def search_tables(self) -> list[EmbeddingBagConfig]:
         return full_width_tables(self.fields, self.embedding_dim)
 
@@ -142,7 +170,8 @@ class MDE(EmbeddingMethod):
             budget = None
         cards = [f.num_embeddings for f in self.fields]
         widths, alpha = mde_widths(cards, self.embedding_dim, budget, md_threshold=self.config.md_threshold,
-                                   round_to_power_of_2=self.config.round_to_power_of_2, alpha=self.config.alpha)
+                                   round_to_power_of_2=self.config.round_to_power_of_2, alpha=self.config.alpha,
+                                   layout=self.layout)
         return uniform_plan(
             self.name, [(f.name, f.num_embeddings) for f in self.fields], self.embedding_dim, widths.tolist(),
             layout=self.layout, budget=budget,

@@ -32,7 +32,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from embdim.embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext
+from embdim.embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext, uniform_floor
 from embdim.embedding_methods.fixed import fixed_width_for_budget, full_width_tables
 from embdim.embedding_methods.mixed_dim import (
     GroupedProjection,
@@ -217,12 +217,17 @@ class MLET(EmbeddingMethod):
         if config.width:
             self.width = config.width
         elif 0 < config.budget < 1:
-            self.width = fixed_width_for_budget(cards, embedding_dim, config.budget, self.layout)
+            # Raises the shared BudgetError below width 4's fraction: at construction, before training.
+            self.width = fixed_width_for_budget(cards, embedding_dim, config.budget, self.layout, method=self.name)
         else:
             self.width = embedding_dim
         self.inner_dim = config.inner_dim or 4 * embedding_dim
         if self.inner_dim <= self.width:
             raise ConfigError(f"mlet.inner_dim: {self.inner_dim} must exceed the retrain width {self.width} (k > d)")
+
+    def budget_floor(self) -> tuple[float, str]:
+        return (uniform_floor([f.num_embeddings for f in self.fields], self.embedding_dim, self.layout),
+                f"retrain width d = {WIDTH_MULTIPLE}, {self.layout} layout")
 
     def search_tables(self) -> list[EmbeddingBagConfig]:
         return full_width_tables(self.fields, self.inner_dim)

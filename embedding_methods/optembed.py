@@ -13,7 +13,8 @@ Three phases:
    row and, in training, a random width per (sample, field) that keeps the first w dims (the
    paper's lower-triangular masks P[j]). Loss = task loss + alpha * sum_f exp(-t_f).
 2. Evolution (``export_plan``). Freeze the row mask over the whole table, then run the genetic
-   search of per-field widths with validation AUC of the supernet as fitness. Every rank scores
+   search of per-field widths (and row-keep levels, below) with validation AUC of the supernet
+   as fitness. Every rank scores
    every candidate on its part of the validation split; one embedding lookup per batch serves all
    candidates (``candidate_logits``) and the binned AUC counts are summed across ranks
    (``CandidateAUC``).
@@ -23,9 +24,16 @@ Three phases:
 Deviations from the reference code, all deliberate:
 
 - Widths are drawn from {4, 8, ..., D} instead of {1, ..., D}: FBGEMM TBE needs multiples of 4.
-- The evolution respects a parameter budget (the paper's fitness ignores memory): candidates over
-  budget are repaired by shrinking random fields. If even the narrowest widths do not fit, the
-  lowest-norm kept rows of every field are pruned in the same proportion until the plan fits.
+- The evolution respects a parameter budget (the paper's fitness ignores memory), and its space
+  reaches small budgets: a candidate is a width and a row-keep level per field (``keep_levels``):
+  level k keeps the top k / keep_levels of the rows the field's threshold kept, by norm (the
+  order the thresholds themselves prune in), so a budget is met by pruning rows as well as by
+  narrowing. Every candidate is repaired into [0.95 b, b] before it is scored: random genes
+  step down while it is over budget, then up while it is under 0.95 b and a step still fits.
+  Half the first generation keeps every thresholded row (the paper's space), half draws the
+  levels. The evolution always runs; what could not be met (no finite fitness, the best
+  candidate under 0.95 b) is logged and listed in ``plan.extra["fallbacks"]``. The floor,
+  checked before training, is every field at width 4 keeping 1 / keep_levels of its rows.
 - Fixed reference bugs: the crossover point lies in [1, F-1] (the code draws it in
   [1, latent_dim]); mutation works on a copy of the parent (the code edits it in place); the
   narrowest width can be drawn; the best candidate ever seen is returned.
@@ -50,7 +58,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from embdim.embedding_methods.base import EmbeddingMethod, FieldSpec, SearchContext, full_width_params
+from embdim.embedding_methods.base import (BudgetError, EmbeddingMethod, FieldSpec, SearchContext, TrainingSchedule,
+                                           full_width_params)
 from embdim.embedding_methods.fused_kernels import row_and_width_mask, triton_enabled
 from embdim.embedding_methods.plan import FieldPlan, GroupPlan, SizePlan
 
@@ -295,6 +304,7 @@ torch.fx.wrap("_mask_pooled")
 
 def candidate_logits(dlrm: nn.Module, dense_features: torch.Tensor, pooled: dict[str, torch.Tensor],
                      widths: torch.Tensor, row_keep: dict[str, torch.Tensor] | None = None, *,
+                     row_rank: dict[str, torch.Tensor] | None = None, keep_counts: torch.Tensor | None = None,
                      max_rows: int = 1 << 15) -> torch.Tensor:
     """Logits of P width candidates on one batch from ONE embedding lookup.
 
@@ -310,6 +320,11 @@ def candidate_logits(dlrm: nn.Module, dense_features: torch.Tensor, pooled: dict
         widths: ``[P, F]`` widths, columns in ``dlrm.sparse_arch.sparse_feature_names`` order (the
             field order for a DLRM built on ``OptEmbed.search_tables()``).
         row_keep: ``{feature: bool [B]}``; a sample whose row is pruned gets a zero vector there.
+        row_rank: ``{feature: int64 [B]}``, with ``keep_counts``: per candidate row pruning. A
+            sample's row is kept by candidate p when its rank (position by norm among the field's
+            thresholded rows; the field's row count for rows below the threshold) is below
+            ``keep_counts[p, f]``; features missing from ``row_rank`` keep every row.
+        keep_counts: ``[P, F]`` kept rows per candidate and field (columns as ``widths``).
         max_rows: candidates are processed in chunks of at most this many ``P * B`` rows to bound memory.
 
     Returns:
@@ -329,12 +344,25 @@ def candidate_logits(dlrm: nn.Module, dense_features: torch.Tensor, pooled: dict
     batch_size = sparse.shape[0]
     dense = dlrm.dense_arch(dense_features)  # candidate-independent: computed once
     masks = (torch.arange(dim, device=sparse.device) < widths.to(sparse.device).unsqueeze(-1)).to(sparse.dtype)
+    ranked = None
+    if row_rank:
+        if keep_counts is None or tuple(keep_counts.shape) != tuple(widths.shape):
+            raise ValueError(f"row_rank needs keep_counts of shape {tuple(widths.shape)}")
+        # [B, F] rank of every sample's row (-1 = never pruned: kept by any count >= 0).
+        ranked = torch.stack([row_rank[n].to(sparse.device) if n in row_rank
+                              else torch.full((batch_size,), -1, dtype=torch.long, device=sparse.device)
+                              for n in names], dim=1)
+        keep_counts = keep_counts.to(sparse.device)
     chunk = max(1, max_rows // max(1, batch_size))
     outputs = []
     for start in range(0, widths.shape[0], chunk):
         mask = masks[start:start + chunk]  # [p, F, D]
         num = mask.shape[0]
-        stacked_sparse = (sparse.unsqueeze(0) * mask.unsqueeze(1)).reshape(num * batch_size, len(names), dim)
+        stacked_sparse = sparse.unsqueeze(0) * mask.unsqueeze(1)  # [p, B, F, D]
+        if ranked is not None:
+            keep = ranked.unsqueeze(0) < keep_counts[start:start + chunk].unsqueeze(1)  # [p, B, F]
+            stacked_sparse = stacked_sparse * keep.unsqueeze(-1).to(sparse.dtype)
+        stacked_sparse = stacked_sparse.reshape(num * batch_size, len(names), dim)
         stacked_dense = dense.unsqueeze(0).expand(num, -1, -1).reshape(num * batch_size, -1)
         interaction = dlrm.inter_arch(dense_features=stacked_dense, sparse_features=stacked_sparse)
         outputs.append(dlrm.over_arch(interaction).reshape(num, batch_size))
@@ -430,92 +458,158 @@ def optembed_param_count(kept_rows: np.ndarray, widths: np.ndarray, embedding_di
     return np.where(kept > 0, per_field, 0).sum(-1)
 
 
-def repair_to_budget(candidate: np.ndarray, widths: np.ndarray, param_count_fn: Callable[[np.ndarray], Any],
-                     budget_params: float, rng: np.random.Generator) -> np.ndarray:
-    """Shrinks random fields one width step at a time until the candidate fits the budget.
+def keep_counts(levels: np.ndarray, kept_rows: np.ndarray, keep_levels: int) -> np.ndarray:
+    """Rows a candidate keeps per field: the top ``floor(level * kept_f / keep_levels)`` of the
+    field's thresholded rows by norm (``level = keep_levels`` keeps them all)."""
+    return np.asarray(levels, dtype=np.int64) * np.asarray(kept_rows, dtype=np.int64) // keep_levels
+
+
+def _gene_choices(choices: np.ndarray | Sequence[np.ndarray], num_genes: int) -> list[np.ndarray]:
+    """The allowed values of every gene: one ascending array each (one array = the same for all)."""
+    if isinstance(choices, np.ndarray) and choices.ndim == 1:
+        choices = [choices] * num_genes
+    if len(choices) != num_genes:
+        raise ValueError(f"need the choices of {num_genes} genes, got {len(choices)}")
+    return [np.array(sorted({int(v) for v in c}), dtype=np.int64) for c in choices]
+
+
+def repair_to_budget(candidate: np.ndarray, choices: np.ndarray | Sequence[np.ndarray],
+                     param_count_fn: Callable[[np.ndarray], Any], budget_params: float, rng: np.random.Generator,
+                     min_params: float = 0.0) -> np.ndarray:
+    """Steps random genes down one choice at a time until the candidate fits ``budget_params``,
+    then up while it stays under ``min_params`` and a step up still fits.
 
     Args:
-        candidate: ``[F]`` widths (not modified).
-        widths: the allowed widths, ascending.
-        param_count_fn: ``[P, F] -> [P]`` parameter counts.
+        candidate: ``[G]`` gene values (not modified), each one of its gene's choices.
+        choices: the allowed values of every gene (ascending), or one array for all genes (the
+            widths of a widths-only candidate).
+        param_count_fn: ``[P, G] -> [P]`` parameter counts, non-decreasing in every gene.
         budget_params: the parameter budget.
         rng: random source.
+        min_params: grow the candidate until it holds at least this many parameters, where a step
+            that keeps it within ``budget_params`` exists (0 = no growth: the reference's repair).
     """
+    genes = _gene_choices(choices, len(candidate))
     repaired = np.array(candidate, dtype=np.int64, copy=True)
-    step = {int(w): int(widths[i - 1]) for i, w in enumerate(widths) if i > 0}
-    while float(np.asarray(param_count_fn(repaired[None]))[0]) > budget_params:
-        shrinkable = np.flatnonzero(repaired > widths[0])
-        if shrinkable.size == 0:
+    index = [int(np.searchsorted(g, v)) for g, v in zip(genes, repaired)]
+
+    def count(c: np.ndarray) -> np.ndarray:
+        return np.asarray(param_count_fn(np.atleast_2d(c)), dtype=np.float64)
+
+    while float(count(repaired)[0]) > budget_params:
+        shrinkable = [j for j in range(len(genes)) if index[j] > 0]
+        if not shrinkable:
             raise ValueError(f"budget_params={budget_params} is below the narrowest candidate")
-        field_index = rng.choice(shrinkable)
-        repaired[field_index] = step[int(repaired[field_index])]
+        j = int(rng.choice(shrinkable))
+        index[j] -= 1
+        repaired[j] = genes[j][index[j]]
+    while min_params > 0 and float(count(repaired)[0]) < min_params:
+        growable = [j for j in range(len(genes)) if index[j] + 1 < len(genes[j])]
+        if not growable:
+            break
+        steps = np.repeat(repaired[None], len(growable), axis=0)
+        for row, j in enumerate(growable):
+            steps[row, j] = genes[j][index[j] + 1]
+        fitting = [j for j, params in zip(growable, count(steps)) if params <= budget_params]
+        if not fitting:
+            break  # every step up overshoots: the search space has no finer step here
+        j = int(rng.choice(fitting))
+        index[j] += 1
+        repaired[j] = genes[j][index[j]]
     return repaired
 
 
-def mutate(parent: np.ndarray, widths: np.ndarray, mutation_prob: float, rng: np.random.Generator) -> np.ndarray:
-    """Copy of ``parent`` with each field redrawn from ``widths`` with probability ``mutation_prob``.
+def mutate(parent: np.ndarray, choices: np.ndarray | Sequence[np.ndarray], mutation_prob: float,
+           rng: np.random.Generator) -> np.ndarray:
+    """Copy of ``parent`` with each gene redrawn from its choices with probability ``mutation_prob``.
 
     Unlike the reference (which edits the parent in place and draws from [1, D)), the parent is
-    untouched, every width incl. the narrowest can be drawn, and at least one field changes so
-    a mutation never just re-evaluates its parent.
+    untouched, every width incl. the narrowest can be drawn, and at least one gene changes so a
+    mutation never just re-evaluates its parent. ``choices``: one array for every gene (widths)
+    or one per gene.
     """
+    genes = _gene_choices(choices, len(parent))
     child = np.array(parent, dtype=np.int64, copy=True)
     redraw = rng.random(child.size) < mutation_prob
-    child[redraw] = rng.choice(widths, size=int(redraw.sum()))
-    if np.array_equal(child, parent) and widths.size > 1:
-        field_index = rng.integers(child.size)
-        child[field_index] = rng.choice(widths[widths != child[field_index]])
+    for j in np.flatnonzero(redraw):
+        child[j] = rng.choice(genes[j])
+    variable = [j for j, g in enumerate(genes) if g.size > 1]
+    if np.array_equal(child, parent) and variable:
+        j = int(rng.choice(variable))
+        child[j] = rng.choice(genes[j][genes[j] != child[j]])
     return child
 
 
-def crossover(parent_a: np.ndarray, parent_b: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """One-point crossover at a point in [1, F-1] (the reference draws it in [1, latent_dim])."""
-    num_fields = parent_a.size
-    if num_fields < 2:
-        raise ValueError("crossover needs at least 2 fields")
-    point = int(rng.integers(1, num_fields))
-    return np.concatenate([parent_a[:point], parent_b[point:]]).astype(np.int64), point
+def crossover(parent_a: np.ndarray, parent_b: np.ndarray, rng: np.random.Generator,
+              num_units: int | None = None) -> tuple[np.ndarray, int]:
+    """One-point crossover at a point in [1, U-1] (the reference draws it in [1, latent_dim]).
+
+    ``num_units`` (default: every gene is a unit) groups genes laid out gene-major (gene g of unit
+    u at ``g * U + u``): a field's width and keep level travel together.
+    """
+    num_units = parent_a.size if num_units is None else num_units
+    if num_units < 2 or parent_a.size % num_units:
+        raise ValueError(f"crossover needs at least 2 units dividing {parent_a.size} genes, got {num_units}")
+    point = int(rng.integers(1, num_units))
+    from_a = np.arange(parent_a.size) % num_units < point
+    return np.where(from_a, parent_a, parent_b).astype(np.int64), point
 
 
 def evolutionary_search(fitness_fn: Callable[[np.ndarray], np.ndarray], *, num_fields: int,
                         allowed_widths: Sequence[int], param_count_fn: Callable[[np.ndarray], Any],
                         budget_params: float, generations: int, keep_num: int, mutation_num: int,
                         crossover_num: int, mutation_prob: float, patience: int,
-                        rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
+                        rng: np.random.Generator, gene_choices: Sequence[np.ndarray] | None = None,
+                        min_params: float = 0.0,
+                        initial: Callable[[np.random.Generator, int], np.ndarray] | None = None,
+                        ) -> tuple[np.ndarray, list[dict]]:
     """Genetic search of per-field widths (reference ``evolution.py::EvolutionSearcher.search``).
 
     Each generation scores the population, keeps the best ``keep_num``, mutates the best
     ``mutation_num`` and crosses random pairs of the best ``crossover_num + 1``. Fitness is cached
     per candidate, so ``fitness_fn`` only sees candidates not scored before (one batched call per
-    generation). Every candidate is repaired to ``budget_params`` before it is scored.
+    generation). Every candidate is repaired to ``budget_params`` before it is scored (and grown
+    towards ``min_params`` where a step fits).
 
     Args:
-        fitness_fn: ``[P, F]`` widths -> ``[P]`` fitness (validation AUC), higher is better.
-        num_fields: F.
-        allowed_widths: the candidate widths of every field.
-        param_count_fn: ``[P, F]`` widths -> ``[P]`` parameter counts.
+        fitness_fn: ``[P, G]`` candidates -> ``[P]`` fitness (validation AUC), higher is better.
+        num_fields: F (the crossover units).
+        allowed_widths: the candidate widths of every field (a candidate is its F widths).
+        param_count_fn: ``[P, G]`` candidates -> ``[P]`` parameter counts.
         budget_params: the largest allowed parameter count (``math.inf`` = no budget).
         generations: the most generations (the paper's T).
         keep_num: elite kept from one generation to the next.
         mutation_num: children by mutation per generation.
         crossover_num: children by crossover per generation.
-        mutation_prob: per-field mutation probability.
+        mutation_prob: per-gene mutation probability.
         patience: stop after this many generations without a better best (0 = never stop early).
         rng: the only random source (the result is deterministic given its state).
+        gene_choices: the allowed values of each of the G genes (a multiple of F, gene-major:
+            gene g of field f at ``g * F + f``); None = one gene per field, ``allowed_widths``.
+        min_params: repair grows candidates below this many parameters (0 = never).
+        initial: ``(rng, i) -> [G]`` the i-th candidate of generation 0 before repair (None =
+            every gene drawn uniformly).
 
     Returns:
-        ``(best_widths [F] int64, history)``; history has one JSON-able dict per generation.
+        ``(best [G] int64, history)``; history has one JSON-able dict per generation.
     """
     widths = np.array(sorted({int(w) for w in allowed_widths}), dtype=np.int64)
     if num_fields <= 0 or widths.size == 0 or widths[0] <= 0:
         raise ValueError(f"need num_fields > 0 and positive widths, got {num_fields}, {list(allowed_widths)}")
+    genes = _gene_choices(widths if gene_choices is None else gene_choices,
+                          num_fields if gene_choices is None else len(gene_choices))
+    if len(genes) % num_fields:
+        raise ValueError(f"{len(genes)} genes are not a multiple of num_fields={num_fields}")
     if generations <= 0 or min(keep_num, mutation_num, crossover_num, patience) < 0:
         raise ValueError("generations must be positive and keep_num, mutation_num, crossover_num, patience >= 0")
     if mutation_num + crossover_num == 0 or not 0 < mutation_prob <= 1:
         raise ValueError("need mutation_num + crossover_num > 0 and mutation_prob in (0, 1]")
-    narrowest = np.full(num_fields, widths[0], dtype=np.int64)
+    narrowest = np.array([g[0] for g in genes], dtype=np.int64)
     if float(np.asarray(param_count_fn(narrowest[None]))[0]) > budget_params:
         raise ValueError(f"budget_params={budget_params} is below the narrowest candidate")
+
+    def repair(candidate: np.ndarray) -> np.ndarray:
+        return repair_to_budget(candidate, genes, param_count_fn, budget_params, rng, min_params)
 
     fitness: dict[tuple[int, ...], float] = {}
 
@@ -538,10 +632,14 @@ def evolutionary_search(fitness_fn: Callable[[np.ndarray], np.ndarray], *, num_f
         seen.add(tuple(child.tolist()))
         return child
 
+    def draw(i: int) -> np.ndarray:
+        if initial is not None:
+            return np.asarray(initial(rng, i), dtype=np.int64)
+        return np.array([rng.choice(g) for g in genes], dtype=np.int64)
+
     population_size = keep_num + mutation_num + crossover_num
     seen: set = set()
-    population = [fresh(lambda: repair_to_budget(rng.choice(widths, size=num_fields), widths, param_count_fn,
-                                                 budget_params, rng), seen) for _ in range(population_size)]
+    population = [fresh(lambda i=i: repair(draw(i)), seen) for i in range(population_size)]
     best, best_fitness, stale, history = narrowest, -np.inf, 0, []
     for generation in range(generations):
         population = list({tuple(c.tolist()): c for c in population}.values())  # drop duplicates
@@ -555,13 +653,15 @@ def evolutionary_search(fitness_fn: Callable[[np.ndarray], np.ndarray], *, num_f
         finite = values[np.isfinite(values)]
         history.append({
             "generation": generation, "num_scored": len(fitness), "best_fitness": best_fitness,
-            "best_widths": best.tolist(), "best_params": int(np.asarray(param_count_fn(best[None]))[0]),
+            "best_widths": best[:num_fields].tolist(), "best_params": int(np.asarray(param_count_fn(best[None]))[0]),
             "population_best": float(values[order[0]]),
             "population_mean": float(finite.mean()) if finite.size else float("nan"),
         })
+        if len(genes) > num_fields:
+            history[-1]["best_genes"] = best.tolist()
         logger.info("OptEmbed evolution generation %d: best %.6f, population mean %.6f, %d scored",
                     generation, best_fitness, history[-1]["population_mean"], len(fitness))
-        if (patience and stale >= patience) or generation == generations - 1 or widths.size == 1:
+        if (patience and stale >= patience) or generation == generations - 1 or all(g.size == 1 for g in genes):
             break
         seen = set(fitness) | {tuple(c.tolist()) for c in ranked[:keep_num]}
         children = list(ranked[:keep_num])
@@ -569,32 +669,30 @@ def evolutionary_search(fitness_fn: Callable[[np.ndarray], np.ndarray], *, num_f
         crossover_pool = ranked[:crossover_num + 1]
         for i in range(mutation_num):
             parent = mutation_pool[i % len(mutation_pool)]
-            children.append(fresh(lambda: repair_to_budget(mutate(parent, widths, mutation_prob, rng), widths,
-                                                           param_count_fn, budget_params, rng), seen))
+            children.append(fresh(lambda: repair(mutate(parent, genes, mutation_prob, rng)), seen))
         for _ in range(crossover_num):
             if num_fields < 2 or len(crossover_pool) < 2:
                 # No crossover on one field or one parent: mutate the best instead.
-                children.append(fresh(lambda: repair_to_budget(mutate(ranked[0], widths, mutation_prob, rng),
-                                                               widths, param_count_fn, budget_params, rng), seen))
+                children.append(fresh(lambda: repair(mutate(ranked[0], genes, mutation_prob, rng)), seen))
                 continue
 
             def make_crossover() -> np.ndarray:
                 a, b = rng.choice(len(crossover_pool), size=2, replace=False)
-                child, _ = crossover(crossover_pool[a], crossover_pool[b], rng)
-                return repair_to_budget(child, widths, param_count_fn, budget_params, rng)
+                child, _ = crossover(crossover_pool[a], crossover_pool[b], rng, num_fields)
+                return repair(child)
 
             children.append(fresh(make_crossover, seen))
         population = children
     return best, history
 
 
-def _sample_keep(jagged: JaggedTensor, keep: torch.Tensor) -> torch.Tensor:
-    """Per-sample keep flag of a single-hot field: False where the sample's id is pruned."""
+def _sample_rank(jagged: JaggedTensor, ranks: torch.Tensor) -> torch.Tensor:
+    """Per-sample norm rank of a single-hot field's row (``_norm_ranks``; -1 for an empty bag,
+    whose pooled vector is zero anyway)."""
     values, lengths = jagged.values(), jagged.lengths()
-    pruned = (~keep.to(values.device)[values]).long()
     samples = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
-    count = torch.zeros(lengths.numel(), dtype=torch.long, device=values.device).index_add_(0, samples, pruned)
-    return count == 0
+    out = torch.full((lengths.numel(),), -1, dtype=torch.long, device=values.device)
+    return out.index_reduce_(0, samples, ranks.to(values.device)[values], "amax")
 
 
 def _find_dlrm(model: nn.Module) -> DLRM:
@@ -640,6 +738,11 @@ class OptEmbed(EmbeddingMethod):
         patience: int = 0
         """Stop the evolution after this many generations without a better candidate (0 = run all,
         as the paper does)."""
+        keep_levels: int = 32
+        """Row-keep levels searched with the widths: a candidate keeps, per row-pruned field, the
+        top k / keep_levels of the rows its threshold kept (by norm), k in 1..keep_levels, so
+        small budgets are met by pruning rows as well as by narrowing (deviation: the paper
+        evolves widths only). 1 = widths only."""
         retrain_init: str = "rewind"
         """How the retrain model starts: "rewind" reloads the supernet's initial (step 0) weights,
         lottery-ticket style, as the official ``retrain.py`` does (the trainer must checkpoint them
@@ -666,6 +769,7 @@ class OptEmbed(EmbeddingMethod):
                  "mutation_num + crossover_num must be positive"),
                 ("mutation_prob", 0 < self.mutation_prob <= 1, "must be in (0, 1]"),
                 ("patience", self.patience >= 0, "must be >= 0"),
+                ("keep_levels", self.keep_levels >= 1, "must be >= 1"),
                 ("retrain_init", self.retrain_init in RETRAIN_INITS, f"must be one of {list(RETRAIN_INITS)}"),
                 ("num_auc_bins", self.num_auc_bins >= 2, "must be >= 2"),
                 ("score_max_rows", self.score_max_rows > 0, "must be positive"),
@@ -747,13 +851,33 @@ class OptEmbed(EmbeddingMethod):
         """
         self._model = _find_dlrm(model)
 
+    def fit_schedule(self, schedule: TrainingSchedule) -> list[str]:
+        """The evolution scores candidates on the validation split: a dataset without one fails
+        here, before training, rather than after it. Nothing counts training steps."""
+        if schedule.valid_rows <= 0:
+            raise ValueError("optembed: the evolution scores width candidates on the validation split, and the "
+                             "dataset has none (dataset.json splits); rebuild it with a valid split (embdim data ... "
+                             "--split)")
+        return []
+
+    def budget_floor(self) -> tuple[float, str]:
+        # Before training the thresholds are unknown: assume they keep every row (they can only
+        # keep fewer, so this floor is always reachable at export).
+        L = self.config.keep_levels
+        kept = keep_counts(np.where([f.multi_hot for f in self.fields], L, 1),
+                           [f.num_embeddings for f in self.fields], L)
+        params = int(optembed_param_count(kept, np.full(len(self.fields), WIDTH_STEP), self.embedding_dim, self.layout))
+        return (params / full_width_params(self.fields, self.embedding_dim),
+                f"every field at width {WIDTH_STEP} keeping 1/{L} of its rows (optembed.keep_levels={L}), multi-hot "
+                f"fields all of theirs, {self.layout} layout")
+
     def export_plan(self, module: nn.Module, context: SearchContext) -> SizePlan:
-        """Frozen row masks over the full tables, then the budgeted evolution of field widths.
+        """Frozen row masks over the full tables, then the budgeted evolution of field widths and
+        row-keep levels.
 
         Collective: every rank must call it (row norms and AUC counts are all-reduced, and every
         rank joins every scoring forward through ``context.evaluate``). ``context.budget >= 1``
-        means no budget (otherwise the projections of narrowed fields could make tiny tables
-        infeasible at any width below D).
+        means no budget.
 
         Args:
             module: the ``OptEmbedSupernet`` (its ``ebc`` may be sharded).
@@ -766,50 +890,77 @@ class OptEmbed(EmbeddingMethod):
         if context.embedding_dim != self.embedding_dim:
             raise ValueError(f"optembed: context.embedding_dim={context.embedding_dim} but the method was built "
                              f"for {self.embedding_dim}")
-        dim, config = self.embedding_dim, self.config
+        dim, config, num_fields = self.embedding_dim, self.config, len(self.fields)
+        levels = config.keep_levels
         thresholds = supernet.thresholds.detach().double().cpu().numpy()
         device = supernet.thresholds.device
 
-        norms, keeps = [], []
+        ranks, kept_rows = [], []
         for i, f in enumerate(self.fields):
             row_norms = _table_row_norms(context, self.table_name(f.name), f.num_embeddings, config.norm, device)
-            norms.append(row_norms)
-            # Kept rows: ||E_r|| > t_f, as the reference's frozen ``calc_feature_mask``.
-            keeps.append(row_norms > thresholds[i] if not f.multi_hot else np.ones(f.num_embeddings, dtype=bool))
-        kept_rows = np.array([k.sum() for k in keeps], dtype=np.int64)
-        widths = allowed_widths(dim)
+            # Kept rows: ||E_r|| > t_f, as the reference's frozen ``calc_feature_mask``; ranked by
+            # norm (highest first, ties by id, identically on every rank) for the keep levels.
+            keep = row_norms > thresholds[i] if not f.multi_hot else np.ones(f.num_embeddings, dtype=bool)
+            ranks.append(_norm_ranks(row_norms, keep))
+            kept_rows.append(int(keep.sum()))
+        kept_rows = np.array(kept_rows, dtype=np.int64)
         budget_params = (math.inf if context.budget >= 1.0
                          else context.budget * full_width_params(self.fields, dim))
+        prunable = np.array([not f.multi_hot for f in self.fields])
+        widths = allowed_widths(dim)
+        gene_choices = ([widths] * num_fields
+                        + [np.arange(1, levels + 1) if prune else np.array([levels]) for prune in prunable])
+
+        def split(candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """``[P, 2F]`` candidates -> (widths [P, F], kept rows [P, F])."""
+            candidates = np.atleast_2d(candidates)
+            return candidates[:, :num_fields], keep_counts(candidates[:, num_fields:], kept_rows, levels)
 
         def param_count(candidates: np.ndarray) -> np.ndarray:
-            return optembed_param_count(kept_rows, candidates, dim, self.layout)
+            candidate_widths, kept = split(candidates)
+            return optembed_param_count(kept, candidate_widths, dim, self.layout)
 
-        narrowest = np.full(len(self.fields), widths[0], dtype=np.int64)
-        fallback = bool(param_count(narrowest[None])[0] > budget_params)
-        if fallback:
-            # Deviation: thresholds alone leave too many rows for the budget even at the narrowest
-            # width; prune the lowest-norm kept rows of every field in the same proportion.
-            keeps = _prune_to_budget(norms, keeps, widths[0], dim, budget_params, self.layout)
-            kept_rows = np.array([k.sum() for k in keeps], dtype=np.int64)
-            best, history = narrowest, []
-            logger.warning("OptEmbed: budget %.0f params below the thresholded rows at width %d; kept the "
-                           "highest-norm rows (%s per field)", budget_params, widths[0], kept_rows.tolist())
-        else:
-            fitness_fn = self._fitness_fn(supernet, context, keeps)
-            previous = supernet.apply_row_mask
-            supernet.apply_row_mask = False  # the frozen keep masks replace it while scoring
-            try:
-                best, history = evolutionary_search(
-                    fitness_fn, num_fields=len(self.fields), allowed_widths=widths, param_count_fn=param_count,
-                    budget_params=budget_params, generations=config.generations, keep_num=config.keep_num,
-                    mutation_num=config.mutation_num, crossover_num=config.crossover_num,
-                    mutation_prob=config.mutation_prob, patience=config.patience,
-                    rng=np.random.default_rng(config.seed))
-            finally:
-                supernet.apply_row_mask = previous
+        narrowest = np.array([g[0] for g in gene_choices], dtype=np.int64)
+        if float(param_count(narrowest)[0]) > budget_params:
+            raise BudgetError(self.name, context.budget, float(param_count(narrowest)[0]) / full_width_params(
+                self.fields, dim), f"every field at width {WIDTH_STEP} keeping 1/{levels} of its thresholded rows")
+
+        def initial(rng: np.random.Generator, i: int) -> np.ndarray:
+            # Half the first generation is the paper's space (random widths, every thresholded
+            # row kept), half draws the keep levels too; repair then brings both to the budget.
+            genes = [rng.choice(widths) for _ in range(num_fields)]
+            genes += [levels if (i % 2 == 0 or not prune) else rng.integers(1, levels + 1) for prune in prunable]
+            return np.array(genes, dtype=np.int64)
+
+        fitness_fn = self._fitness_fn(supernet, context, ranks, split)
+        previous = supernet.apply_row_mask
+        supernet.apply_row_mask = False  # the frozen keep masks replace it while scoring
+        try:
+            best, history = evolutionary_search(
+                fitness_fn, num_fields=num_fields, allowed_widths=widths, param_count_fn=param_count,
+                budget_params=budget_params, generations=config.generations, keep_num=config.keep_num,
+                mutation_num=config.mutation_num, crossover_num=config.crossover_num,
+                mutation_prob=config.mutation_prob, patience=config.patience, rng=np.random.default_rng(config.seed),
+                gene_choices=gene_choices, min_params=0.95 * budget_params if math.isfinite(budget_params) else 0.0,
+                initial=initial)
+        finally:
+            supernet.apply_row_mask = previous
+
+        best_widths, best_kept = (a[0] for a in split(best))
+        params = int(param_count(best)[0])
+        fallbacks = []
+        if not math.isfinite(history[-1]["best_fitness"]):
+            fallbacks.append("no candidate got a finite validation AUC (a validation split with one class?): the "
+                             "evolution kept the narrowest candidate")
+        if math.isfinite(budget_params) and params < 0.95 * budget_params:
+            fallbacks.append(f"the best candidate holds {params} parameters, {params / budget_params:.1%} of the budget: "
+                             f"no width or keep-level step of its fields fits the rest")
+        for note in fallbacks:
+            logger.warning("OptEmbed: %s", note)
 
         field_plans = []
-        for f, keep, width in zip(self.fields, keeps, best):
+        for f, rank, width, count in zip(self.fields, ranks, best_widths, best_kept):
+            keep = rank < count
             if not keep.any():
                 groups = []
             else:
@@ -818,35 +969,39 @@ class OptEmbed(EmbeddingMethod):
             field_plans.append(FieldPlan(name=f.name, num_embeddings=f.num_embeddings, groups=groups))
         return SizePlan(
             method=self.name, embedding_dim=dim, fields=field_plans, layout=self.layout,
-            budget=float(context.budget),
+            budget=float(context.budget) if context.budget < 1.0 else None,
             extra={
                 "thresholds": {f.name: float(t) for f, t in zip(self.fields, thresholds)},
-                "kept_rows": {f.name: int(k) for f, k in zip(self.fields, kept_rows)},
-                "widths": {f.name: int(w) for f, w in zip(self.fields, best)},
-                "param_count": int(param_count(np.asarray(best)[None])[0]),
+                "thresholded_rows": {f.name: int(k) for f, k in zip(self.fields, kept_rows)},
+                "kept_rows": {f.name: int(k) for f, k in zip(self.fields, best_kept)},
+                "keep_levels": {f.name: int(k) for f, k in zip(self.fields, best[num_fields:])},
+                "widths": {f.name: int(w) for f, w in zip(self.fields, best_widths)},
+                "param_count": params,
                 "best_fitness": history[-1]["best_fitness"] if history else None,
                 "evolution_history": history,
-                "budget_row_pruning": fallback,
+                "fallbacks": fallbacks,
                 "row_pruning_skipped": [f.name for f in self.fields if f.multi_hot],
                 "norm": config.norm,
                 "retrain_init": config.retrain_init,
             },
         )
 
-    def _fitness_fn(self, supernet: OptEmbedSupernet, context: SearchContext,
-                    keeps: list[np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    def _fitness_fn(self, supernet: OptEmbedSupernet, context: SearchContext, ranks: list[np.ndarray],
+                    split: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> Callable[[np.ndarray], np.ndarray]:
         """Validation AUC of each candidate: one pass over each rank's validation part per generation."""
         dlrm, config = self._model, self.config
         device = supernet.thresholds.device
         order = [self.fields[[f.name for f in self.fields].index(n)] for n in dlrm.sparse_arch.sparse_feature_names]
         position = {f.name: i for i, f in enumerate(self.fields)}
-        # Per-id keep masks of single-hot fields with pruned rows, on the scoring device.
-        keep_masks = {f.name: torch.from_numpy(keeps[i]).to(device) for i, f in enumerate(self.fields)
-                      if not f.multi_hot and not keeps[i].all()}
+        # Per-id norm ranks of the row-pruned (single-hot) fields, on the scoring device.
+        rank_tables = {f.name: torch.from_numpy(ranks[i]).to(device) for i, f in enumerate(self.fields)
+                       if not f.multi_hot}
 
         def fitness_fn(candidates: np.ndarray) -> np.ndarray:
             columns = [position[f.name] for f in order]
-            widths = torch.as_tensor(candidates[:, columns], dtype=torch.long, device=device)
+            candidate_widths, kept = split(candidates)
+            widths = torch.as_tensor(candidate_widths[:, columns], dtype=torch.long, device=device)
+            counts = torch.as_tensor(kept[:, columns], dtype=torch.long, device=device)
             auc = CandidateAUC(len(candidates), num_bins=config.num_auc_bins, device=device)
 
             def score_fn(batch: Any) -> None:
@@ -854,10 +1009,10 @@ class OptEmbed(EmbeddingMethod):
                 with torch.no_grad():
                     features = batch.sparse_features
                     pooled = supernet(features).to_dict()
-                    jagged = features.to_dict() if keep_masks else {}
-                    row_keep = {name: _sample_keep(jagged[name], mask) for name, mask in keep_masks.items()}
-                    logits = candidate_logits(dlrm, batch.dense_features, pooled, widths, row_keep,
-                                              max_rows=config.score_max_rows)
+                    jagged = features.to_dict() if rank_tables else {}
+                    row_rank = {name: _sample_rank(jagged[name], table) for name, table in rank_tables.items()}
+                    logits = candidate_logits(dlrm, batch.dense_features, pooled, widths, row_rank=row_rank,
+                                              keep_counts=counts, max_rows=config.score_max_rows)
                     auc.update(logits, batch.labels)
 
             was_training = supernet.training
@@ -897,28 +1052,14 @@ def _table_row_norms(context: SearchContext, table_name: str, num_embeddings: in
     return (powered if norm == 1 else powered.sqrt()).cpu().numpy()
 
 
-def _prune_to_budget(norms: list[np.ndarray], keeps: list[np.ndarray], width: int, embedding_dim: int,
-                     budget_params: float, layout: str) -> list[np.ndarray]:
-    """Keeps the top ``floor(r * kept_f)`` rows by norm in every field, r as large as the budget allows."""
-    kept = np.array([k.sum() for k in keeps], dtype=np.int64)
-    widths = np.full(len(keeps), width, dtype=np.int64)
-
-    def fits(ratio: float) -> bool:
-        return optembed_param_count(np.floor(ratio * kept), widths, embedding_dim, layout) <= budget_params
-
-    low, high = 0.0, 1.0
-    for _ in range(60):  # bisection on the kept fraction; the count is monotone in it
-        middle = (low + high) / 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    result = []
-    for norm, keep, count in zip(norms, keeps, np.floor(low * kept).astype(np.int64)):
-        candidates = np.flatnonzero(keep)
-        # Highest norms first; a stable sort breaks ties by id, so every rank picks the same rows.
-        top = candidates[np.argsort(-norm[candidates], kind="stable")[:count]]
-        pruned = np.zeros_like(keep)
-        pruned[top] = True
-        result.append(pruned)
-    return result
+def _norm_ranks(norms: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Position of every kept row by norm (0 = highest; ties by id); ``keep.sum()`` for the others,
+    so ``rank < n`` selects the top n kept rows."""
+    kept = np.flatnonzero(keep)
+    ranks = np.full(len(norms), len(kept), dtype=np.int64)
+    # A stable sort breaks ties by id, so every rank of the job picks the same rows.
+    ranks[kept[np.argsort(-norms[kept], kind="stable")]] = np.arange(len(kept), dtype=np.int64)
+    return ranks
 
 
 def inherited_weights(full_weight: torch.Tensor, group: GroupPlan,

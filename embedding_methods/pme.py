@@ -14,14 +14,18 @@ Liu, Song, Li, Choi, Chen, Hu, "Pruning-based Multi-size Embedding", Frontiers i
 4. Capacity transfer: an id's size is its number of surviving entries, snapped to a multiple of 4
    (FBGEMM TBE); size 0 prunes the id.
 5. Ids of equal size form one group of the plan (``embedding_methods.grouping``); retrain builds a
-   compact table per group with a projection to D.
+   compact table per group, zero-padded to D (``pad``, the default: the plan's size is the number
+   of surviving entries, as the paper counts it) or projected to D (``project``).
 
 Choices the paper leaves open, and the defaults here (all in ``PME.Config``):
 
 - Criterion: SNIP ``|e * g|``, summed over occurrences (an id seen twice in a batch adds both terms;
   ``sum |e g_o|`` rather than ``|e sum g_o|``, because the TBE backward sums per occurrence) and
   over batches. One-shot: a single pruning step, no iteration.
-- S = 100 batches at initialisation (docs/methods.md#pme: 1-100; more batches touch more ids).
+- S = 100 batches at initialisation (docs/methods.md#pme: 1-100; more batches touch more ids). When
+  the search trains fewer steps than ``warmup_steps + saliency_batches`` (a small dataset, few
+  epochs or ``train.max_steps``), both are scaled down to fit before training (``fit_schedule``),
+  with a logged note recorded in ``plan.extra["adaptations"]``.
 - The tables are frozen from the first saliency step on (``freeze_tables``): saliency is measured
   at one point, and "rewind" then reads the values it was measured at.
 - Entries never touched in the saliency batches score 0. Ties at the threshold (these zeros
@@ -33,9 +37,11 @@ Choices the paper leaves open, and the defaults here (all in ``PME.Config``):
   training during the S batches (its optimizer is the trainer's).
 - Snapping rule "nearest" (1 -> 0, 2 -> 4, 6 -> 8). Snapping moves the parameter count away from
   the budget, so the kept-entry count is re-solved (secant steps with a bisection fallback) until the
-  plan's parameters, projections included, are within ``budget_tolerance`` of the budget. On
-  small tables, where one group's projection (w x D params) alone exceeds the tolerance, single ids
-  then move between widths (``_repair_to_budget``): the ones snapping cut (or raised) most first.
+  plan's parameters (projections included under ``project``) are at most the budget and within
+  ``budget_tolerance`` below it. When no kept-entry count lands there, single ids then move
+  (``_repair_to_budget``), the ones snapping cut (or raised) most first: one width step (4
+  parameters) at a time under ``pad``, so the plan ends within a few parameters of the budget;
+  between the widths a field already has under ``project``, where a new group costs a projection.
 - Retrain from a fresh init (``retrain_init="fresh"``), or "rewind": each id keeps the initial values
   of its w most salient entries, packed left, with projection ``[I_w | 0]``.
 
@@ -46,6 +52,7 @@ holds the saliency averaged over ranks' batches: a constant factor that leaves t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -57,11 +64,11 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from embdim.embedding_methods.base import EmbeddingMethod, SearchContext, full_width_params
+from embdim.embedding_methods.base import EmbeddingMethod, SearchContext, TrainingSchedule, full_width_params
 from embdim.embedding_methods.grouping import (SNAP_RULES, retrain_init_state_from_tables,
                                         size_plan_from_widths, snap_widths)
 from embdim.embedding_methods.mask_aware import MaskAwareEmbedding, acc_table_name, main_table_name
-from embdim.embedding_methods.plan import SizePlan
+from embdim.embedding_methods.plan import WIDTH_MULTIPLE, SizePlan
 
 logger = logging.getLogger(__name__)
 
@@ -270,8 +277,8 @@ class PME(EmbeddingMethod):
         snap: str = "nearest"
         """Size -> width rule: "nearest" (half up), "down" or "up" (multiples of 4)."""
         budget_tolerance: float = 0.01
-        """Stop re-solving the kept-entry count once the plan's parameters are within this relative
-        distance of the budget."""
+        """Stop re-solving the kept-entry count once the plan's parameters are at most the budget
+        and within this relative distance below it."""
         max_budget_iterations: int = 30
         """At most this many threshold solves for the budget."""
         max_groups: int = 0
@@ -307,6 +314,29 @@ class PME(EmbeddingMethod):
     def required_search_steps(self) -> int:
         """Training steps the search phase must run: warmup plus the saliency batches."""
         return self.config.warmup_steps + self.config.saliency_batches
+
+    def fit_schedule(self, schedule: TrainingSchedule) -> list[str]:
+        """Scales ``warmup_steps`` and ``saliency_batches`` down together (at least one saliency
+        batch) when the search trains fewer steps than they need, e.g. the default S = 100 on an
+        epoch of 78 batches. Fails naming ``train.epochs`` when the search trains no step."""
+        cfg, total = self.config, schedule.total_steps
+        need = cfg.warmup_steps + cfg.saliency_batches
+        if need <= total:
+            return []
+        if total < 1:
+            raise ValueError(f"train.epochs: pme needs at least one search training step (saliency batches), the "
+                             f"search trains none ({schedule.describe()})")
+        warmup = cfg.warmup_steps * total // need
+        saliency = max(1, total - warmup)
+        warmup = total - saliency
+        self.config = dataclasses.replace(cfg, warmup_steps=warmup, saliency_batches=saliency)
+        changes = [f"saliency_batches {cfg.saliency_batches} -> {saliency}"]
+        if warmup != cfg.warmup_steps:
+            changes.append(f"warmup_steps {cfg.warmup_steps} -> {warmup}")
+        note = (f"pme: {', '.join(changes)}: the search trains {total} steps ({schedule.describe()}), fewer than "
+                f"warmup_steps + saliency_batches = {need}")
+        self.adaptations.append(note)
+        return [note]
 
     # -- search ---------------------------------------------------------------------------------
 
@@ -411,51 +441,56 @@ class PME(EmbeddingMethod):
         # Params P(keep) grow with keep, but snapping makes the slope anything from ~0 ("down",
         # when kept entries are spread thin) to ~4 ("up"), and projections add steps when a width
         # group appears. Root finding: scale by P / keep until the target is bracketed, then
-        # secant steps inside the bracket, bisecting when one side stalls (Illinois-style).
+        # secant steps inside the bracket, bisecting when one side stalls (Illinois-style). The
+        # budget binds from below: the answer is the largest plan at or under the target.
         keep = min(max(int(round(target)), 1), eligible_total)
         low, high = (0, 0), None  # (keep, params) with params <= target / > target
-        best: tuple[float, SizePlan, GlobalThreshold, list[np.ndarray]] | None = None
+        best: tuple[int, SizePlan, GlobalThreshold, list[np.ndarray]] | None = None  # the largest plan <= target
+        over: tuple[int, SizePlan, GlobalThreshold, list[np.ndarray]] | None = None  # the smallest plan > target
         iterations, last_side = 0, None
         for iterations in range(1, cfg.max_budget_iterations + 1):
             plan, threshold, kept = evaluate(keep)
             params = plan.num_params()
-            error = abs(params - target)
-            if best is None or error < best[0]:
-                best = (error, plan, threshold, kept)
-            if error <= cfg.budget_tolerance * target:
-                break
             side = "low" if params <= target else "high"
             if side == "low":
+                if best is None or params > best[0]:
+                    best = (params, plan, threshold, kept)
+                if target - params <= cfg.budget_tolerance * target:
+                    break
                 low = (keep, params)
                 if keep >= eligible_total:
                     break  # everything eligible is kept and the budget is still not used up
             else:
+                if over is None or params < over[0]:
+                    over = (params, plan, threshold, kept)
                 high = (keep, params)
             if high is None:
                 proposal = int(round(keep * target / max(params, 1))) if params > 0 else 2 * keep
                 proposal = min(max(proposal, keep + 1), eligible_total)
             elif high[0] - low[0] <= 1:
-                break  # the target sits in a step of P; keep the closer side
+                break  # the target sits in a step of P
             elif side == last_side:
                 proposal = (low[0] + high[0]) // 2
             else:
                 proposal = low[0] + int(round((target - low[1]) * (high[0] - low[0]) / max(high[1] - low[1], 1)))
                 proposal = min(max(proposal, low[0] + 1), high[0] - 1)
             keep, last_side = proposal, side
-        assert best is not None
-        error, plan, threshold, kept = best
+        params, plan, threshold, kept = best if best is not None else over  # type: ignore[misc]
         moved = 0
-        if error > cfg.budget_tolerance * target:
-            # Small tables: one group's projection (w x D params) can exceed the tolerance, so no
-            # keep count lands close enough. Move single ids between the widths already present.
+        if params > target or target - params > cfg.budget_tolerance * target:
+            # No kept-entry count lands in [(1 - tolerance) target, target]: snapping moves whole
+            # groups of ids at once. Move single ids (pad: one width step of 4 parameters each).
             eligible = [np.asarray(context.counts(f.name)) > 0 if cfg.prune_unseen
                         else np.ones(f.num_embeddings, dtype=bool) for f in self.fields]
             counts = [np.asarray(context.counts(f.name)) for f in self.fields]
             plan, moved = _repair_to_budget(plan, kept, eligible, counts, target, cfg.budget_tolerance, make_plan)
-            error = abs(plan.num_params() - target)
-        if error > cfg.budget_tolerance * target:
-            logger.warning("pme: plan has %d params for a budget of %.0f (%.2f%% off) after %d solves",
-                           plan.num_params(), target, 100 * error / max(target, 1), iterations)
+            params = plan.num_params()
+        fallbacks = []
+        if params > target or target - params > cfg.budget_tolerance * target:
+            fallbacks.append(f"plan has {params} parameters for a budget of {target:.0f} "
+                             f"({100 * (params - target) / max(target, 1):+.2f}%) after {iterations} threshold solves "
+                             f"and {moved} single-id moves")
+            logger.warning("pme: %s", fallbacks[-1])
         plan.extra = {
             "config": asdict(cfg),
             "criterion": "snip |E * dL/dE|",
@@ -467,6 +502,7 @@ class PME(EmbeddingMethod):
             "budget_solves": iterations,
             "ids_moved_to_budget": moved,
             "retrain_init": cfg.retrain_init,
+            "fallbacks": fallbacks,
         }
         logger.info("pme: kept %d entries (threshold %.3g), achieved fraction %.4f for budget %.4f",
                     threshold.keep_count, threshold.value, plan.achieved_fraction(), budget)
@@ -493,59 +529,71 @@ class PME(EmbeddingMethod):
 def _repair_to_budget(plan: SizePlan, kept: list[np.ndarray], eligible: list[np.ndarray], counts: list[np.ndarray],
                       target: float, tolerance: float,
                       make_plan: Callable[[list[np.ndarray]], SizePlan]) -> tuple[SizePlan, int]:
-    """Greedy fix-up of a plan whose parameter count is off the target by more than the tolerance.
+    """Greedy fix-up of a plan over the target, or under it by more than the tolerance.
 
-    Small tables only need it: one group's projection (w x D params) can exceed the tolerance, so
-    no keep count lands close enough. Each round:
+    Snapping moves ids in blocks, so no kept-entry count may land in ``[(1 - tolerance) target,
+    target]``. Each round moves single ids, each at most once:
 
-    - moves single ids between the widths already present in their field (no new group, so no new
-      projection). Under budget: eligible ids move up to the next present width, those that snapping
-      cut most first (``kept - width``), then more frequent ids. Over budget: ids move down to the
-      next narrower present width (or are pruned from the narrowest), those that snapping raised
-      most first, then rarer ids. Moves are taken in that order while their summed cost fits the gap;
-    - if still under budget, opens the cheapest new group (projection plus the first id's cost)
-      that fits the gap, e.g. in a field the threshold pruned entirely, so the next round can fill it.
+    - over budget: ids move down, those that snapping raised most first (``width - kept``), then
+      rarer ids, until the plan fits (the move that crosses the target is taken);
+    - under budget: eligible ids move up, those that snapping cut most first (``kept - width``),
+      then more frequent ids, while the summed cost still fits the gap.
+
+    Under ``pad`` a move is one width step (4 <-> 8, 4 -> 0 prunes, 0 -> 4 revives): every move
+    costs 4 parameters and new groups cost nothing, so the plan ends within a few parameters of
+    the target. Under ``project`` a new group costs its projection (w x D), so ids move between the
+    widths their field already has, and when still under budget the cheapest new group that fits
+    the gap is opened (e.g. in a field the threshold pruned entirely) for the next round to fill.
 
     Deterministic, so identical on every rank. Returns ``(plan, number of id moves)``.
     """
     from embdim.embedding_methods.grouping import allowed_widths, widths_from_field_plan
 
-    dim = plan.embedding_dim
+    dim, pad = plan.embedding_dim, plan.layout == "pad"
     choices = allowed_widths(dim)
     moved = 0
-    for _ in range(16):
+    for _ in range(64):
         gap = target - plan.num_params()
-        if abs(gap) <= tolerance * target:
+        if 0 <= gap <= tolerance * target:
             break
         widths = [widths_from_field_plan(f) for f in plan.fields]
         moves = []
         for i, w in enumerate(widths):
-            present = np.unique(w[w > 0])
-            if not len(present):
-                continue
+            if pad:
+                up = gap > 0
+                ids = np.flatnonzero(eligible[i] & (w < dim)) if up else np.flatnonzero(w > 0)
+                new = w[ids] + (WIDTH_MULTIPLE if up else -WIDTH_MULTIPLE)
+            else:
+                present = np.unique(w[w > 0])
+                if not len(present):
+                    continue
+                if gap > 0:
+                    j = np.searchsorted(present, w, side="right")
+                    ids = np.flatnonzero((j < len(present)) & eligible[i])
+                    new = present[j[ids]]
+                else:
+                    j = np.searchsorted(present, w, side="left") - 1
+                    ids = np.flatnonzero(w > 0)
+                    new = np.where(j[ids] >= 0, present[np.maximum(j[ids], 0)], 0)
             if gap > 0:
-                j = np.searchsorted(present, w, side="right")
-                ids = np.flatnonzero((j < len(present)) & eligible[i])
-                new = present[j[ids]]
                 priority, frequency = kept[i][ids] - w[ids], counts[i][ids]
             else:
-                j = np.searchsorted(present, w, side="left") - 1
-                ids = np.flatnonzero(w > 0)
-                new = np.where(j[ids] >= 0, present[np.maximum(j[ids], 0)], 0)
                 priority, frequency = w[ids] - kept[i][ids], -counts[i][ids]
             moves.append((np.full(len(ids), i), ids, new, np.abs(new - w[ids]), priority, frequency))
         changed = False
         if moves:
             field_of, ids, new, cost, priority, frequency = (np.concatenate(x) for x in zip(*moves))
             order = np.lexsort((ids, field_of, -frequency, -priority))
-            take = order[np.cumsum(cost[order]) <= abs(gap)]
+            spent = np.cumsum(cost[order])
+            # Under budget: never cross the target. Over: up to and including the move that crosses it.
+            take = order[spent <= gap] if gap > 0 else order[:int(np.searchsorted(spent, -gap)) + 1]
             for i in np.unique(field_of[take]):
                 sel = take[field_of[take] == i]
                 widths[i][ids[sel]] = new[sel]
             moved += len(take)
             changed = len(take) > 0
             gap -= np.sign(gap) * cost[take].sum()
-        if gap > tolerance * target:
+        if not pad and gap > tolerance * target:
             best = None  # (cost, field, id, width) of the cheapest group to open
             for i, w in enumerate(widths):
                 present = set(np.unique(w[w > 0]).tolist())

@@ -428,7 +428,7 @@ def _compare_grid(args: argparse.Namespace, methods: list[str], budgets: list[fl
         try:
             row = execute_run(args, method, budget, cell_dir(out, method, budget), echo=args.verbose,
                               say=lambda m, mb=(method, budget): say(f"{mb[0]} b{mb[1]:g}: {m}"))
-            say(f"{method} b{budget:g}: test AUC {rep.format_cell('test_auc', row.test_auc)}, "
+            say(f"{method} b{budget:g}: {row.status}: test AUC {rep.format_cell('test_auc', row.test_auc)}, "
                 f"{rep.format_cell('embedding_params', row.embedding_params)} embedding params")
         except (PhaseFailed, ConfigError) as e:
             failed += 1
@@ -446,7 +446,7 @@ def _compare_grid(args: argparse.Namespace, methods: list[str], budgets: list[fl
     rep.write_if_changed(out / rep.REPORT, rep.render_report("embdim compare", rows, preamble))
     rep.plot_pareto(rows, out / rep.PARETO)
     done = sum(r.done for r in rows)
-    print(f"compare: {done} of {len(rows)} runs finished, {len(rows) - done} failed or missing; "
+    print(f"compare: {done} of {len(rows)} runs done, {len(rows) - done} failed, missing or over budget; "
           f"report {out / rep.REPORT}, plot {out / rep.PARETO}", flush=True)
     # Failed cells are results (e.g. a budget a method cannot reach), not a failure of the grid;
     # a missing baseline is: the table has no reference then.

@@ -101,10 +101,13 @@ def _table_configs(module: nn.Module) -> list[BaseEmbeddingConfig]:
     return module.embedding_configs()
 
 
-def build_constraints(model: nn.Module, config: ShardingConfig, device_type: str) -> dict[str, ParameterConstraints]:
+def build_constraints(model: nn.Module, config: ShardingConfig, device_type: str,
+                      world_size: int = 1) -> dict[str, ParameterConstraints]:
     """Per-table ``ParameterConstraints`` from ``[sharding]``: the forced sharding type (unless
     "auto") and the compute kernel. ``data_parallel`` tables use the DENSE kernel, the only one
-    TorchRec offers for them."""
+    TorchRec offers for them. A table with fewer rows than ``world_size`` is never row-wise:
+    a rank would hold an empty shard, on which FBGEMM's CPU backward fails ("free(): invalid
+    size", or "more than 2B rows"); size plans make such tables (a width group of one id)."""
     if config.compute_kernel == "fused_uvm_caching" and device_type != "cuda":
         raise ConfigError("sharding.compute_kernel: 'fused_uvm_caching' needs CUDA; use 'fused' on CPU")
     if config.sharding_type == ShardingType.DATA_PARALLEL.value:
@@ -127,7 +130,7 @@ def build_constraints(model: nn.Module, config: ShardingConfig, device_type: str
     constraints = {}
     for _, module in embedding_modules(model):
         for table in _table_configs(module):
-            name = table.name
+            name, rows = table.name, table.num_embeddings
             if config.sharding_type == ShardingType.DATA_PARALLEL.value and table.data_type != DataType.FP32:
                 # Replicated tables are plain parameters stepped by torch.optim, whose state takes
                 # the parameter's dtype: fp16 Adagrad adds eps=1e-8, which rounds to 0 in fp16, to
@@ -140,8 +143,10 @@ def build_constraints(model: nn.Module, config: ShardingConfig, device_type: str
             if name in constraints:
                 raise ValueError(f"embedding table name {name!r} is used twice in the model; table names must be unique")
             types = sharding_types
+            if rows < world_size:
+                types = [t for t in types if t not in _ROW_WISE_TYPES] or [ShardingType.TABLE_WISE.value]
             if name in restricted:
-                types = [t for t in sharding_types if t in restricted[name]]
+                types = [t for t in types if t in restricted[name]]
                 if not types:
                     raise ConfigError(f"sharding.sharding_type: table {name!r} can only be sharded as "
                                       f"{restricted[name]}, not {sharding_types}")
@@ -185,7 +190,7 @@ def plan_model(model: nn.Module, env: DistEnv, config: Config) -> ShardingPlan:
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=config.data.batch_size,
-        constraints=build_constraints(model, config.sharding, env.device.type),
+        constraints=build_constraints(model, config.sharding, env.device.type, env.world_size),
         debug=False,
     )
     return planner.collective_plan(model, get_sharders(config.sharding.comm_precision), env.pg)

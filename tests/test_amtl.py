@@ -463,3 +463,108 @@ def test_penalty_buckets_fields_by_distinct_counts() -> None:
         probs = net.probs(f.name, torch.from_numpy(side_features(values, field_counts[f.name])))
         want = want + (torch.from_numpy(mult).float() * (probs @ widths)).sum()
     torch.testing.assert_close(net.expected_param_fraction(), want / (3060 * D), rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------------------ budget projection
+def _random_profiles(seed: int, sizes: tuple[int, ...] = (50, 80), num_widths: int = 4) -> list:
+    from embdim.embedding_methods.amtl import CountProfiles
+
+    rng = np.random.default_rng(seed)
+    profiles = []
+    for n in sizes:
+        counts = rng.zipf(1.5, n).clip(max=500)
+        _, inverse, multiplicity = np.unique(counts, return_inverse=True, return_counts=True)
+        logits = torch.from_numpy(rng.normal(0, 2, (len(multiplicity), num_widths)))
+        profiles.append(CountProfiles(inverse.astype(np.int64), multiplicity.astype(np.int64),
+                                      torch.log_softmax(logits, -1).numpy()))
+    return profiles
+
+
+def test_widths_for_budget_fills_the_budget_with_the_most_probable_widths() -> None:
+    from embdim.embedding_methods.amtl import widths_for_budget
+
+    profiles, widths = _random_profiles(0), np.array([4, 8, 12, 16])
+    num_ids = sum(len(p.inverse) for p in profiles)
+
+    def score(result: list[np.ndarray]) -> float:
+        return sum(float(p.log_probs[p.inverse, w // 4 - 1].sum()) for p, w in zip(profiles, result))
+
+    argmax = [widths[p.log_probs.argmax(1)][p.inverse] for p in profiles]
+    argmax_params = sum(int(w.sum()) for w in argmax)
+    previous = None
+    for budget in (0.3, 0.4, 0.5, 0.7, 0.9):
+        target = budget * num_ids * 16
+        result, lam = widths_for_budget(profiles, widths, target)
+        params = sum(int(w.sum()) for w in result)
+        # At most the budget, and within one id's width change of it.
+        assert target - 12 <= params <= target
+        assert all(np.isin(w, widths).all() for w in result)
+        # Ids of one count share their scores: outside the boundary profiles every id takes its
+        # best width at the price lam, so no single-id change to a width of that price improves it.
+        for p, w in zip(profiles, result):
+            chosen = p.log_probs[p.inverse, w // 4 - 1] - lam * w
+            best = (p.log_probs - lam * widths[None, :]).max(1)[p.inverse]
+            assert (chosen >= best - 1e-9).mean() > 0.9
+        if previous is not None:
+            assert any((a != b).any() for a, b in zip(result, previous[1]))  # distinct budgets, distinct widths
+            # Up to the argmax plan's size more budget buys probability; beyond it the budget is
+            # filled anyway, by the widenings that cost the least probability.
+            assert (score(result) >= previous[0]) == (target <= argmax_params)
+        previous = (score(result), result)
+    assert 0.3 * num_ids * 16 < argmax_params < 0.9 * num_ids * 16  # both regimes are exercised
+    everything, _ = widths_for_budget(profiles, widths, num_ids * 16)
+    assert all((w == 16).all() for w in everything)
+    with pytest.raises(ValueError, match="below every id at width 4"):
+        widths_for_budget(profiles, widths, num_ids * 4 - 1)
+    # The argmax plan's own size as the budget gives the argmax back.
+    result, _ = widths_for_budget(profiles, widths, sum(int(w.sum()) for w in argmax))
+    assert score(result) == pytest.approx(score(argmax))
+
+
+@pytest.mark.parametrize("layout", ["pad", "project"])
+def test_export_meets_the_budget_and_distinct_budgets_give_distinct_plans(layout: str) -> None:
+    method = AMTL(AMTL.Config(), FIELDS, D, layout=layout)
+    torch.manual_seed(0)
+    module, context = search_module(method)
+    with torch.no_grad():  # a trained-looking head: widths depend on the counts
+        net = module.mask_net
+        torch.nn.init.normal_(getattr(net, f"weight_{net.num_layers - 1}"), std=1.0)
+    argmax = method.searched_widths(module, context)
+    plans = {}
+    for budget in (0.4, 0.5, 0.7):
+        context.budget = budget
+        plan = method.export_plan(module, context)
+        plan.validate()
+        assert plan.layout == layout and plan.budget == budget
+        assert 0.95 * budget <= plan.achieved_fraction() <= budget, (budget, plan.achieved_fraction())
+        projection = plan.extra["budget_projection"]
+        assert projection["fraction_after"] == plan.achieved_fraction()
+        if layout == "pad":  # pad: every id's width is free; project may restrict the widths (and says so)
+            assert plan.extra["fallbacks"] == [] and plan.num_params() == plan.num_table_params()
+        moved = sum(int((widths_from_field_plan(fp) != a).sum()) for fp, a in zip(plan.fields, argmax))
+        assert projection["ids_narrowed"] + projection["ids_widened"] == moved
+        # AMTL prunes no id.
+        assert all(fp.num_rows == f.num_embeddings for fp, f in zip(plan.fields, FIELDS))
+        plans[budget] = [widths_from_field_plan(fp) for fp in plan.fields]
+    assert not all((a == b).all() for a, b in zip(plans[0.4], plans[0.5]))
+    assert not all((a == b).all() for a, b in zip(plans[0.5], plans[0.7]))
+    # The floor: every id at width 4 (with one 4 -> D projection per field under project).
+    floor, reason = method.budget_floor()
+    assert floor == pytest.approx((4 * 70 + (2 * 4 * D if layout == "project" else 0)) / (70 * D))
+    from embdim.embedding_methods.base import BudgetError
+
+    with pytest.raises(BudgetError, match=r"^amtl: budget 0\.1 is below the floor of this method \(every id at width 4"):
+        method.check_budget(0.1)
+
+
+def test_searched_widths_equal_the_side_rows_argmax() -> None:
+    """Scoring per distinct count gives every id the choice its own side row gives."""
+    method = AMTL(AMTL.Config(), FIELDS, D)
+    torch.manual_seed(1)
+    module, context = search_module(method)
+    with torch.no_grad():
+        torch.nn.init.normal_(getattr(module.mask_net, f"weight_{module.mask_net.num_layers - 1}"), std=1.0)
+    widths = method.searched_widths(module, context)
+    for f, w in zip(FIELDS, widths):
+        rows = torch.from_numpy(side_table_rows(counts()[f.name]))
+        np.testing.assert_array_equal(w, module.mask_net.widths[module.mask_net.choices(f.name, rows).numpy()])

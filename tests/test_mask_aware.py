@@ -311,7 +311,8 @@ def _sharded_body(rank: int, world_size: int) -> None:
         # Unsharded reference on CPU; the sharded twin built on meta, as the trainer does.
         torch.manual_seed(0)
         ref = method.build_search_module(EmbeddingBagCollection(method.search_tables(), device=torch.device("cpu")))
-        ref_ctx = LocalSearchContext(ref, FIELDS, D, counts, budget=0.5)
+        # 0.75 at D = 8: the plans that fill it mix widths 4 and 8 (0.5 is every id at 4).
+        ref_ctx = LocalSearchContext(ref, FIELDS, D, counts, budget=0.75)
         method.init_search_state(ref, ref_ctx)
         if ref.mask_fn is not None:
             with torch.no_grad():  # non-trivial masks: random output layers instead of the zero init
@@ -320,7 +321,7 @@ def _sharded_body(rank: int, world_size: int) -> None:
         meta = method.build_search_module(EmbeddingBagCollection(method.search_tables(), device=torch.device("meta")))
         dmp = _shard(meta, world_size)
         sharded = dmp.module.sparse
-        ctx = LocalSearchContext(sharded, FIELDS, D, counts, budget=0.5, all_reduce_sum=all_reduce,
+        ctx = LocalSearchContext(sharded, FIELDS, D, counts, budget=0.75, all_reduce_sum=all_reduce,
                                  owns_replicated=rank == 0)
         method.init_search_state(sharded, ctx)
         # Really sharded: row-wise tables hold part of the rows here, table-wise ones live on one rank.

@@ -13,7 +13,7 @@ from embdim import embedding_methods
 from embdim.embedding_methods import get_method
 from embdim.embedding_methods.base import FieldSpec
 from embdim.embedding_methods.fixed import BudgetError, FixedWidth, fixed_width_for_budget, uniform_params
-from embdim.embedding_methods.mde import MDE, mde_params, mde_widths, mde_widths_for_alpha
+from embdim.embedding_methods.mde import MDE, mde_floor_widths, mde_params, mde_widths, mde_widths_for_alpha
 from embdim.embedding_methods.mixed_dim import build_retrain_module
 from embdim.trainer.config import ConfigError
 
@@ -66,10 +66,33 @@ def test_budget_edge_cases() -> None:
     assert alpha == 0.0 and widths.tolist() == [D] * len(CRITEO)
     widths, alpha = mde_widths(CRITEO, D, None, alpha=0.3)
     assert alpha == 0.3 and widths.tolist() == mde_widths_for_alpha(CRITEO, D, 0.3).tolist()
-    with pytest.raises(BudgetError, match=r"MDE cannot meet budget 0.1: .* smallest reachable fraction 0.25"):
+    with pytest.raises(BudgetError, match=r"^mde: budget 0.1 is below the floor of this method \(alpha -> infinity: "
+                                          r".*the floor is 0\.25\d\d$") as raised:
         mde_widths(CRITEO, D, 0.1)
+    floor = mde_params(CRITEO, D, mde_floor_widths(CRITEO, D)) / (sum(CRITEO) * D)
+    assert raised.value.floor == pytest.approx(floor) and raised.value.method == "mde"
+    assert MDE(MDE.Config(), _fields(CRITEO), D).budget_floor()[0] == pytest.approx(floor)
+    # The floor is reachable: the budget right at it gives the floor plan.
+    widths, _ = mde_widths(CRITEO, D, floor)
+    assert mde_params(CRITEO, D, widths) == mde_params(CRITEO, D, mde_floor_widths(CRITEO, D))
     with pytest.raises(ValueError, match="cardinalities must be positive"):
         mde_widths([10, 0], D, 0.5)
+
+
+def test_mde_counts_what_its_layout_stores() -> None:
+    cards = [5000, 2000, 800, 400, 300]  # small tables: projections are a visible share of the budget
+    project = MDE(MDE.Config(), _fields(cards), D).plan_for_budget(0.3)
+    pad = MDE(MDE.Config(), _fields(cards), D, layout="pad").plan_for_budget(0.3)
+    assert project.layout == "project" and pad.layout == "pad" and pad.num_projection_params() == 0
+    assert project.num_params() == mde_params(cards, D, [f.widths[0] for f in project.fields]) <= 0.3 * project.full_params()
+    assert pad.num_params() <= 0.3 * pad.full_params()
+    # Without projections to pay for, the same budget buys smaller alpha (wider tables).
+    assert pad.extra["alpha"] < project.extra["alpha"] and pad.num_table_params() > project.num_table_params()
+    # The plan is the largest of the alpha family at or below the budget: any smaller alpha overshoots.
+    for plan, layout in ((project, "project"), (pad, "pad")):
+        for alpha in np.linspace(0.0, plan.extra["alpha"], 50, endpoint=False):
+            widths = mde_widths_for_alpha(cards, D, alpha)
+            assert mde_params(cards, D, widths, layout) > 0.3 * plan.full_params()
 
 
 def test_mde_method_plan_builds_matching_module() -> None:
@@ -100,7 +123,8 @@ def test_fixed_width() -> None:
         for budget in (0.3, 0.5, 0.77, 0.99):
             w = fixed_width_for_budget(cards, D, budget, layout)
             assert uniform_params(cards, D, w, layout) <= budget * 1057 * D < uniform_params(cards, D, w + 4, layout)
-    with pytest.raises(BudgetError, match="below the smallest uniform plan.*the floor is 0.2614"):
+    with pytest.raises(BudgetError, match=r"fixed: budget 0.2 is below the floor of this method \(every field at "
+                                          r"width 4, project layout\); the floor is 0.2614"):
         fixed_width_for_budget(cards, D, 0.2, "project")
     with pytest.raises(BudgetError, match="the floor is 0.2500"):  # pad: width 4 of D = 16
         fixed_width_for_budget(cards, D, 0.2, "pad")

@@ -306,6 +306,52 @@ def test_candidate_logits_equal_separate_forwards(kind: str) -> None:
     assert_close_sums(got, torch.stack(expected))
 
 
+@pytest.mark.parametrize("kind", ["dot", "dcn"])
+def test_candidate_logits_with_per_candidate_row_pruning(kind: str) -> None:
+    """Candidate p keeps the rows whose norm rank is below its keep count: the same logits as a
+    DLRM forward over tables whose other rows are zeroed."""
+    from embdim.embedding_methods.optembed import _norm_ranks, _sample_rank
+
+    fields = [FieldSpec("a", 10), FieldSpec("b", 12), FieldSpec("c", 7, multi_hot=True)]
+    method = make_method(fields)
+    supernet = make_supernet(method)
+    dlrm = make_dlrm(kind, supernet).eval()
+    supernet.apply_row_mask = False
+    gen = torch.Generator().manual_seed(3)
+    batch = 11
+    ids = random_single_hot(fields[:2], batch, gen)
+    ids["c"] = [[int(x) for x in torch.randint(7, (2,), generator=gen)] for _ in range(batch)]
+    kjt = make_kjt(fields, ids)
+    dense = torch.randn(batch, 3, generator=gen)
+    norms = {f.name: table_weight(supernet, f.name).detach().abs().sum(1).numpy() for f in fields[:2]}
+    thresholded = {"a": norms["a"] > np.median(norms["a"]), "b": np.ones(12, dtype=bool)}
+    ranks = {n: _norm_ranks(norms[n], thresholded[n]) for n in ("a", "b")}
+    widths = torch.tensor([[4, 8, 16], [16, 16, 16], [12, 4, 4], [8, 8, 8]])
+    counts = torch.tensor([[5, 12, 7], [0, 3, 7], [2, 12, 7], [4, 1, 7]])  # rows kept of a, b (c: all)
+    with torch.no_grad():
+        jagged = kjt.to_dict()
+        row_rank = {n: _sample_rank(jagged[n], torch.from_numpy(ranks[n])) for n in ("a", "b")}
+        got = candidate_logits(dlrm, dense, supernet(kjt).to_dict(), widths, row_rank=row_rank, keep_counts=counts,
+                               max_rows=2 * batch)
+        expected = []
+        originals = {n: table_weight(supernet, n).detach().clone() for n in ("a", "b")}
+        for w, n in zip(widths.tolist(), counts.tolist()):
+            for name, count in zip(("a", "b"), n):
+                keep = torch.from_numpy(ranks[name] < count)
+                table_weight(supernet, name).copy_(originals[name] * keep.unsqueeze(1))
+            supernet.set_candidate_widths(w)
+            expected.append(dlrm(dense, kjt).squeeze(-1))
+        for name, weight in originals.items():
+            table_weight(supernet, name).copy_(weight)
+        supernet.set_candidate_widths(None)
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-6)
+    # The ranks order the thresholded rows by norm; the others rank last.
+    a = ranks["a"]
+    assert sorted(a[thresholded["a"]].tolist()) == list(range(int(thresholded["a"].sum())))
+    assert (a[~thresholded["a"]] == thresholded["a"].sum()).all()
+    assert norms["a"][a == 0][0] == norms["a"][thresholded["a"]].max()
+
+
 def test_candidate_auc_matches_exact_auc_and_merges() -> None:
     rng = np.random.default_rng(0)
     num = 6000
@@ -356,6 +402,40 @@ def test_mutation_and_crossover_operators() -> None:
         assert np.array_equal(child, np.concatenate([a[:point], b[point:]]))
         points.add(point)
     assert points == {1, 2, 3, 4}
+
+    # Width and keep-level genes of a field travel together (gene g of field f at g * F + f).
+    a, b = np.array([4, 8, 12, 1, 2, 3]), np.array([16, 16, 16, 9, 9, 9])
+    for _ in range(20):
+        child, point = crossover(a, b, rng, num_units=3)
+        assert point in (1, 2)
+        for f in range(3):
+            source = a if f < point else b
+            assert child[f] == source[f] and child[3 + f] == source[3 + f]
+    # Per-gene choices: a gene with one choice never moves.
+    genes = [widths] * 3 + [np.arange(1, 5)] * 2 + [np.array([4])]
+    parent = np.array([32, 32, 32, 4, 4, 4])
+    for _ in range(100):
+        child = mutate(parent, genes, 0.5, rng)
+        assert child[5] == 4 and all(np.isin(c, g) for c, g in zip(child, genes))
+
+
+def test_repair_grows_candidates_into_the_budget_window() -> None:
+    rng = np.random.default_rng(0)
+    rows = np.array([1000, 300, 50])
+    genes = [allowed_widths(16)] * 3 + [np.arange(1, 9)] * 3
+
+    def params(c: np.ndarray) -> np.ndarray:
+        c = np.atleast_2d(c)
+        return optembed_param_count(c[:, 3:] * rows // 8, c[:, :3], 16, "pad")
+
+    budget = 0.1 * rows.sum() * 16
+    for _ in range(50):
+        start = np.array([rng.choice(g) for g in genes])
+        repaired = repair_to_budget(start, genes, params, budget, rng, min_params=0.95 * budget)
+        assert 0.95 * budget <= params(repaired)[0] <= budget
+    # Without min_params: the reference's repair, only shrinking.
+    small = np.array([4, 4, 4, 1, 1, 1])
+    assert np.array_equal(repair_to_budget(small, genes, params, budget, rng), small)
 
 
 def planted_problem(seed: int) -> tuple[Callable, Callable, float, np.ndarray]:
@@ -517,57 +597,98 @@ def export_setup(budget: float) -> tuple[OptEmbed, OptEmbedSupernet, torch.nn.Mo
     return method, supernet, dlrm, FakeContext(budget, EXPORT_FIELDS, supernet, dlrm, batches), cuts
 
 
-def test_export_plan_end_to_end() -> None:
-    method, supernet, dlrm, context, cuts = export_setup(budget=0.4)
-    plan = method.export_plan(supernet, context)
-    plan.validate()
-    assert plan.method == "optembed" and plan.embedding_dim == D
-    assert plan.num_params() <= 0.4 * plan.full_params()
-    assert plan.extra["param_count"] == plan.num_params()
-    assert not plan.extra["budget_row_pruning"] and plan.extra["row_pruning_skipped"] == ["m"]
-    # One data pass per generation that has unscored candidates (scores are cached).
-    history = plan.extra["evolution_history"]
-    assert context.num_evaluations == len({h["num_scored"] for h in history}) >= 1
-    assert supernet.apply_row_mask  # restored after scoring
-    for f, fp in zip(EXPORT_FIELDS, plan.fields):
-        (group,) = fp.groups
-        assert group.width % 4 == 0 and 4 <= group.width <= D
-        if f.multi_hot:
-            assert group.ids is None
-        else:
-            norms = table_weight(supernet, f.name).detach().abs().sum(1)
-            np.testing.assert_array_equal(group.ids, np.flatnonzero((norms > cuts[f.name]).numpy()))
-    assert any(g.width < D for fp in plan.fields for g in fp.groups)  # the budget forced narrowing
-
-    # The fitness of the chosen widths is the supernet's own validation AUC with those widths.
-    widths = [fp.groups[0].width for fp in plan.fields]
-    dlrm.eval()
-    supernet.set_candidate_widths(widths)
+def _candidate_auc_by_zeroed_rows(method: OptEmbed, supernet: OptEmbedSupernet, dlrm: torch.nn.Module,
+                                  context: FakeContext, plan) -> float:
+    """The validation AUC of a plan computed independently of ``candidate_logits``: the supernet
+    with its pruned rows zeroed and the plan's widths, one DLRM forward per batch."""
+    originals = {}
     with torch.no_grad():
+        for f, fp in zip(EXPORT_FIELDS, plan.fields):
+            weight = table_weight(supernet, f.name)
+            originals[f.name] = weight.detach().clone()
+            keep = torch.zeros(f.num_embeddings, dtype=torch.bool)
+            for g in fp.groups:
+                keep[torch.as_tensor(g.ids) if g.ids is not None else slice(None)] = True
+            weight.mul_(keep.unsqueeze(1))
+        dlrm.eval()
+        supernet.apply_row_mask = False
+        supernet.set_candidate_widths([fp.groups[0].width if fp.groups else 4 for fp in plan.fields])
         logits = torch.cat([dlrm(b.dense_features, b.sparse_features).squeeze(-1) for b in context.batches])
-    supernet.set_candidate_widths(None)
+        supernet.set_candidate_widths(None)
+        supernet.apply_row_mask = True
+        for name, weight in originals.items():
+            table_weight(supernet, name).copy_(weight)
     labels = torch.cat([b.labels for b in context.batches])
-    assert abs(plan.extra["best_fitness"] - exact_auc(logits.double().numpy(), labels.numpy())) < 1e-3
+    return exact_auc(logits.double().numpy(), labels.numpy())
 
 
-def test_export_plan_prunes_lowest_norm_rows_when_narrowest_widths_do_not_fit() -> None:
-    method, supernet, _, context, cuts = export_setup(budget=0.1)
-    plan = method.export_plan(supernet, context)
-    plan.validate()
-    assert plan.extra["budget_row_pruning"] and plan.extra["evolution_history"] == []
-    assert context.num_evaluations == 0
-    assert plan.num_params() <= 0.1 * plan.full_params()
+def _check_kept_rows(supernet: OptEmbedSupernet, cuts: dict, plan) -> None:
+    """Every field keeps the highest-norm rows among those its threshold kept."""
     for f, fp in zip(EXPORT_FIELDS, plan.fields):
         if not fp.groups:
             continue
         (group,) = fp.groups
-        assert group.width == 4
+        assert group.width % 4 == 0 and 4 <= group.width <= D
         norms = table_weight(supernet, f.name).detach().abs().sum(1).numpy()
         above = norms > cuts[f.name] if not f.multi_hot else np.ones_like(norms, dtype=bool)
         kept = np.arange(f.num_embeddings) if group.ids is None else group.ids
-        assert above[kept].all() and len(kept) < above.sum()
-        # The kept rows are the highest-norm ones of the thresholded rows.
-        assert norms[kept].min() >= norms[above & ~np.isin(np.arange(f.num_embeddings), kept)].max()
+        assert above[kept].all() and len(kept) == plan.extra["kept_rows"][f.name]
+        dropped = above & ~np.isin(np.arange(f.num_embeddings), kept)
+        if dropped.any():
+            assert norms[kept].min() >= norms[dropped].max()
+        if f.multi_hot:
+            assert group.ids is None
+
+
+@pytest.mark.parametrize("budget", [0.4, 0.1])
+def test_export_plan_end_to_end(budget: float) -> None:
+    method, supernet, dlrm, context, cuts = export_setup(budget=budget)
+    plan = method.export_plan(supernet, context)
+    plan.validate()
+    assert plan.method == "optembed" and plan.embedding_dim == D and plan.budget == budget
+    # The evolution ran, and its candidates (widths and keep levels) land in [0.95 b, b].
+    assert 0.95 * budget <= plan.achieved_fraction() <= budget
+    assert plan.extra["param_count"] == plan.num_params()
+    assert plan.extra["fallbacks"] == [] and plan.extra["row_pruning_skipped"] == ["m"]
+    history = plan.extra["evolution_history"]
+    assert len(history) == 4 and all(0.95 * budget * plan.full_params() <= h["best_params"] for h in history)
+    # One data pass per generation that has unscored candidates (scores are cached).
+    assert context.num_evaluations == len({h["num_scored"] for h in history}) >= 1
+    assert supernet.apply_row_mask  # restored after scoring
+    _check_kept_rows(supernet, cuts, plan)
+    assert any(g.width < D for fp in plan.fields for g in fp.groups)  # the budget forced narrowing
+    if budget == 0.1:
+        # Below every field at width 4 with its thresholded rows (0.25 + ...): rows are pruned too.
+        thresholded = sum(plan.extra["thresholded_rows"].values())
+        assert sum(plan.extra["kept_rows"].values()) < thresholded
+        assert 4 * thresholded > 0.1 * plan.full_params()
+    # The fitness of the chosen candidate is the supernet's own validation AUC with its widths and rows.
+    auc = _candidate_auc_by_zeroed_rows(method, supernet, dlrm, context, plan)
+    assert abs(plan.extra["best_fitness"] - auc) < 1e-3
+
+
+def test_budget_below_the_floor_fails_before_training() -> None:
+    from embdim.embedding_methods.base import BudgetError
+
+    method = make_method(EXPORT_FIELDS, keep_levels=8)
+    floor, reason = method.budget_floor()
+    # a, b, c keep 1/8 of their rows at width 4, the multi-hot m all of its 10.
+    assert floor == pytest.approx(4 * (20 // 8 + 30 // 8 + 40 // 8 + 10) / (100 * D))
+    method.check_budget(floor)
+    with pytest.raises(BudgetError, match=r"^optembed: budget 0\.01 is below the floor of this method \(every field "
+                                          r"at width 4 keeping 1/8 of its rows .*the floor is 0\.05"):
+        method.check_budget(0.01)
+    with pytest.raises(ValueError, match="optembed.keep_levels"):
+        OptEmbed.Config(keep_levels=0)
+
+
+def test_a_dataset_without_validation_split_fails_before_training() -> None:
+    from embdim.embedding_methods.base import TrainingSchedule
+
+    method = make_method(EXPORT_FIELDS)
+    assert method.fit_schedule(TrainingSchedule(steps_per_epoch=10, epochs=1, valid_rows=100)) == []
+    with pytest.raises(ValueError, match="validation split"):
+        method.fit_schedule(TrainingSchedule(steps_per_epoch=10, epochs=1, valid_rows=0))
 
 
 def test_export_plan_needs_a_bound_model_and_config_is_validated() -> None:

@@ -53,11 +53,10 @@ def test_search_then_retrain(runs, method):
     plan = load_plan(run / "plan.json")
     assert plan.method == method
     assert plan.full_params() == FULL_PARAMS
-    # AMTL's budget is a training penalty (soft); the others meet it exactly or from below.
-    limit = BUDGET + (0.1 if method == "amtl" else 0.0) + (0.02 * BUDGET if method == "pme" else 0.0)
-    assert plan.achieved_fraction() <= limit + 1e-9, plan.achieved_fraction()
-    if method == "pme":
-        assert abs(plan.achieved_fraction() - BUDGET) <= 0.02 * BUDGET
+    # Every method meets the budget from below; the per-id methods (and OptEmbed's keep levels) fill it.
+    assert plan.achieved_fraction() <= BUDGET, plan.achieved_fraction()
+    if method in ("amtl", "pme", "optembed"):
+        assert plan.achieved_fraction() >= 0.95 * BUDGET, plan.achieved_fraction()
     metrics = json.loads((run / "retrain" / "metrics.json").read_text())
     assert metrics["full_embedding_params"] == FULL_PARAMS
     assert metrics["embedding_params"] == plan.num_params() < FULL_PARAMS

@@ -67,3 +67,28 @@ def test_fp16_comms_train_close_to_fp32_but_not_equal(tmp_path):
         scores[precision] = json.loads((out / "metrics.json").read_text())["test_logloss"]
     assert scores["fp16"] != scores["fp32"]
     assert abs(scores["fp16"] - scores["fp32"]) < 0.01
+
+
+def test_tables_with_fewer_rows_than_ranks_are_never_row_wise():
+    """A one-row width group sharded row-wise on 2 ranks leaves one rank an empty shard, on which
+    FBGEMM's CPU backward crashes: such tables keep their rows whole on one rank."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from embdim.trainer.config import ShardingConfig
+
+    ebc = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name="big", embedding_dim=8, num_embeddings=10, feature_names=["a"]),
+        EmbeddingBagConfig(name="one", embedding_dim=8, num_embeddings=1, feature_names=["b"])],
+        device=torch.device("meta"))
+    model = torch.nn.Module()
+    model.ebc = ebc
+    row_wise = {"row_wise", "table_row_wise"}
+    auto = planner.build_constraints(model, ShardingConfig(), "cpu", world_size=2)
+    assert row_wise <= set(auto["big"].sharding_types) and not row_wise & set(auto["one"].sharding_types)
+    assert auto["one"].sharding_types  # the other model-parallel types remain
+    forced = planner.build_constraints(model, ShardingConfig(sharding_type="row_wise"), "cpu", world_size=2)
+    assert forced["big"].sharding_types == ["row_wise"] and forced["one"].sharding_types == ["table_wise"]
+    # One rank: nothing to split.
+    assert planner.build_constraints(model, ShardingConfig(sharding_type="row_wise"), "cpu")["one"].sharding_types \
+        == ["row_wise"]

@@ -117,7 +117,11 @@ def test_compare_grid_report_and_failing_cell(tiny, tmp_path):
     assert "budget" in rows[("mde", "0.05")]["status"]
     assert rows[("mde", "0.05")]["test AUC"] == rep.MISSING
     state = json.loads((out / "mde_b0.05" / "run_state.json").read_text())
-    assert state["phases"]["search"]["status"] == "failed" and "MDE cannot meet budget" in state["phases"]["search"]["error"]
+    assert state["phases"]["search"]["status"] == "failed"
+    assert "mde: budget 0.05 is below the floor of this method" in state["phases"]["search"]["error"]
+    assert "the floor is" in rows[("mde", "0.05")]["status"]
+    # Failed before any training: no checkpoint, no metrics.
+    assert not (out / "mde_b0.05" / "ckpt").exists() and not (out / "mde_b0.05" / "metrics.json").exists()
 
     def check(row, metrics, ratio):
         assert row["status"] == "done"
@@ -153,7 +157,8 @@ def test_error_message_prefers_the_cli_line_then_the_child_traceback():
            "[rank0]: RuntimeError: injected failure at step 8 on rank 0 (train.fail_at_step)\n"
            "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \nlaunch.main FAILED\n")
     assert run_cli.error_message(log) == "RuntimeError: injected failure at step 8 on rank 0 (train.fail_at_step)"
-    assert run_cli.error_message("noise\nembdim: error: MDE cannot meet budget 0.05\n") == "MDE cannot meet budget 0.05"
+    assert run_cli.error_message("noise\nembdim: error: mde: budget 0.05 is below the floor\n") == \
+        "mde: budget 0.05 is below the floor"
     assert run_cli.error_message("nothing useful\n") == ""
 
 
@@ -165,3 +170,33 @@ def test_report_table_round_trips_escaped_pipes(tmp_path):
     assert parsed["embedding params"] == "1,234,567" and parsed["test AUC"] == "0.7123"
 
 
+
+
+def _finished_run(run_dir: Path, fraction: float, extra: dict) -> None:
+    """A run folder as ``embdim run`` leaves it, with a compact model at ``fraction`` of full width."""
+    full = 10_000
+    (run_dir / "retrain").mkdir(parents=True)
+    (run_dir / "run_state.json").write_text(json.dumps({
+        "kind": "run", "phases": {"search": {"status": "done"}, "retrain": {"status": "done"}},
+        "search_seconds": 1.0, "retrain_seconds": 2.0}))
+    (run_dir / "retrain" / "metrics.json").write_text(json.dumps({
+        "test_auc": 0.75, "test_logloss": 0.5, "embedding_params": round(fraction * full),
+        "embedding_bytes": 4 * round(fraction * full), "compression_ratio": 1 / fraction, "samples_per_s": 100.0,
+        "full_embedding_params": full, "embedding_fraction": round(fraction * full) / full}))
+    (run_dir / "plan.json").write_text(json.dumps({"extra": extra}))
+
+
+def test_a_plan_over_its_budget_is_never_done(tmp_path):
+    over, within = tmp_path / "over", tmp_path / "within"
+    _finished_run(over, 0.133, {"fallbacks": []})
+    _finished_run(within, 0.0996, {"fallbacks": ["best candidate under 0.95 x budget"],
+                                   "adaptations": ["pme: saliency_batches 100 -> 78"]})
+    rows = [rep.run_row(over, "amtl", 0.1), rep.run_row(within, "pme", 0.1)]
+    assert rows[0].status == "over budget (fraction 0.1330 > 0.1)" and not rows[0].done
+    assert rows[0].test_auc == 0.75 and rows[0].notes is None  # the numbers are still shown
+    assert rows[1].done and rows[1].embedding_fraction == pytest.approx(0.0996)
+    assert rows[1].notes == "best candidate under 0.95 x budget; pme: saliency_batches 100 -> 78"
+    parsed = {r["method"]: r for r in rep.parse_table(rep.render_table(rows))}
+    assert parsed["amtl"]["status"] == "over budget (fraction 0.1330 > 0.1)" and parsed["amtl"]["fraction"] == "0.1330"
+    assert parsed["pme"]["status"] == "done" and "saliency_batches 100 -> 78" in parsed["pme"]["notes"]
+    assert not rep.over_budget(0.1, 0.1) and rep.over_budget(0.1001, 0.1) and not rep.over_budget(0.9, 1.0)

@@ -35,7 +35,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from embdim.embedding_methods import get_method
 from embdim.embedding_methods.amtl import AMTL
-from embdim.embedding_methods.base import EmbeddingMethod, FieldSpec
+from embdim.embedding_methods.base import EmbeddingMethod, FieldSpec, TrainingSchedule
 from embdim.embedding_methods.fixed import FixedWidth
 from embdim.embedding_methods.mde import MDE
 from embdim.embedding_methods.mixed_dim import RETRAIN_WEIGHTS, build_retrain_module
@@ -222,6 +222,19 @@ def load_dense_from_checkpoint(trainer: Trainer, path: Path, key: str = "search.
     return sorted(dense)
 
 
+def training_schedule(config: Config, manifest: Manifest, env: DistEnv) -> TrainingSchedule:
+    """The search's training steps, from ``dataset.json`` before any reader exists (the train
+    reader drops the last partial batch when it shuffles)."""
+    from embdim.trainer.data.reader import num_batches_per_rank  # pyarrow only where it is needed
+
+    steps = num_batches_per_rank(manifest.splits["train"].num_rows, env.world_size, config.data.batch_size,
+                                 drop_last=config.data.shuffle)
+    valid = manifest.splits.get("valid")
+    return TrainingSchedule(steps_per_epoch=steps, epochs=config.train.epochs, max_steps=config.train.max_steps,
+                            world_size=env.world_size, batch_size=config.data.batch_size,
+                            valid_rows=valid.num_rows if valid is not None else 0)
+
+
 def _barrier(env: DistEnv) -> None:
     if env.world_size > 1 and dist.is_initialized():
         dist.barrier()
@@ -235,6 +248,12 @@ def run_search(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, 
     manifest = load_manifest(dataset_dir)
     method = build_method(config, method_name, manifest)
     budget = config.search.budget
+    # Before any training: an unreachable budget fails naming the floor, and settings that count
+    # training steps adapt to the steps this data gives (or fail naming the setting).
+    method.check_budget(budget)
+    if getattr(method, "requires_search_training", True):
+        for note in method.fit_schedule(training_schedule(config, manifest, env)):
+            logger.warning("%s", note)
     plan_path = run_dir / "plan.json"
     metrics: dict[str, Any] = {}
     if not getattr(method, "requires_search_training", True):
@@ -292,6 +311,7 @@ def run_search(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, 
         if method.wants_retrain_init():
             final = unsharded_search_module(trainer, method)
             init_state = method.retrain_init_state(final, initial if initial is not None else final, plan)
+    method.record_adaptations(plan)
     if init_state is not None:
         plan = dataclasses.replace(plan, init_checkpoint=INIT_FILE)
     if env.is_main:

@@ -5,7 +5,12 @@ Every number in a report is read from the files the phases wrote, never recomput
 * quality, size and throughput from ``RUN_DIR/retrain/metrics.json`` (the full-width baseline:
   ``DIR/full/metrics.json`` written by ``embdim train``),
 * wall times of the phases and the failure message of a failed run from ``RUN_DIR/run_state.json``
-  (written by ``launch.run_cli``).
+  (written by ``launch.run_cli``),
+* the notes column from the plan's ``extra`` (``RUN_DIR/plan.json``): what the search could not
+  meet (``fallbacks``) and the settings it adapted to the data (``adaptations``).
+
+A finished run whose compact model exceeds its budget (``embedding_fraction`` above ``budget``)
+is never ``done``: its status is ``over budget (fraction F > B)``.
 
 So a report can be rebuilt at any time from the run folders, and a reader can trace each cell
 of the table back to one key of one file. ``parse_table`` reads a rendered table back (tests and
@@ -35,13 +40,17 @@ COLUMNS: list[tuple[str, str]] = [
     ("test logloss", "test_logloss"),
     ("embedding params", "embedding_params"),
     ("embedding bytes", "embedding_bytes"),
+    ("fraction", "embedding_fraction"),
     ("compression", "compression_ratio"),
     ("search s", "search_seconds"),
     ("retrain s", "retrain_seconds"),
     ("samples/s", "samples_per_s"),
     ("status", "status"),
+    ("notes", "notes"),
 ]
 MISSING = "—"
+OVER_BUDGET_TOLERANCE = 1e-6
+"""Relative slack of ``over_budget`` (float rounding only: every method's plan binds from below)."""
 
 
 class ReportError(ValueError):
@@ -52,7 +61,7 @@ class ReportError(ValueError):
 class ReportRow:
     method: str
     budget: float | None
-    status: str  # "done", "failed (phase): message", "not run", ...
+    status: str  # "done", "over budget (fraction F > B)", "failed (phase): message", "not run", ...
     run_dir: Path
     test_auc: float | None = None
     test_logloss: float | None = None
@@ -62,10 +71,33 @@ class ReportRow:
     search_seconds: float | None = None
     retrain_seconds: float | None = None
     samples_per_s: float | None = None
+    embedding_fraction: float | None = None
+    notes: str | None = None
 
     @property
     def done(self) -> bool:
         return self.status == "done"
+
+
+def over_budget(fraction: float | None, budget: float | None) -> bool:
+    """Whether a compact model's fraction of the full-width parameters exceeds its budget."""
+    return budget is not None and budget < 1.0 and fraction is not None and \
+        fraction > budget * (1 + OVER_BUDGET_TOLERANCE)
+
+
+def plan_notes(run_dir: Path) -> str | None:
+    """The fallbacks and adaptations a search recorded in ``RUN_DIR/plan.json`` (None without any)."""
+    path = Path(run_dir) / "plan.json"
+    if not path.exists():
+        return None
+    extra = read_json(path).get("extra") or {}
+    notes = []
+    for key in ("fallbacks", "adaptations"):
+        value = extra.get(key) or []
+        if not isinstance(value, list):
+            raise ReportError(f"{path}: extra.{key} must be a list, got {type(value).__name__}")
+        notes += [str(v) for v in value]
+    return "; ".join(notes) or None
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -121,6 +153,10 @@ def run_row(run_dir: str | Path, method: str, budget: float) -> ReportRow:
         row.embedding_bytes = _require(metrics, "embedding_bytes", path)
         row.compression_ratio = _require(metrics, "compression_ratio", path)
         row.samples_per_s = _require(metrics, "samples_per_s", path)
+        row.embedding_fraction = row.embedding_params / _require(metrics, "full_embedding_params", path)
+        if over_budget(row.embedding_fraction, budget):
+            row.status = f"over budget (fraction {row.embedding_fraction:.4f} > {budget:g})"
+    row.notes = plan_notes(run_dir)
     return row
 
 
@@ -140,6 +176,7 @@ def baseline_row(run_dir: str | Path) -> ReportRow:
         row.embedding_params = _require(metrics, "embedding_params", path)
         row.embedding_bytes = _require(metrics, "embedding_bytes", path)
         row.compression_ratio = 1.0
+        row.embedding_fraction = 1.0
         row.samples_per_s = _require(metrics, "samples_per_s", path)
     return row
 
@@ -155,6 +192,8 @@ def format_cell(attr: str, value: Any) -> str:
         return f"{int(value):,}"
     if attr == "compression_ratio":
         return f"{value:.2f}x"
+    if attr == "embedding_fraction":
+        return f"{value:.4f}"
     if attr in ("search_seconds", "retrain_seconds"):
         return f"{value:.1f}"
     if attr == "samples_per_s":
@@ -179,10 +218,12 @@ def render_report(title: str, rows: list[ReportRow], preamble: list[str] = (), n
         parts += [*preamble, ""]
     parts += [render_table(rows)]
     parts += [
-        "Columns: test AUC / logloss, embedding params / bytes and samples/s (retrain training throughput) come "
-        "from each run's `retrain/metrics.json` (the baseline's `full/metrics.json`); compression = full-width "
-        "embedding params / the run's (`compression_ratio`); search s / retrain s are the phases' wall times from "
-        "`run_state.json` (the baseline's training wall time is in the retrain column).",
+        "Columns: test AUC / logloss, embedding params / bytes, fraction (of the full-width embedding params) and "
+        "samples/s (retrain training throughput) come from each run's `retrain/metrics.json` (the baseline's "
+        "`full/metrics.json`); compression = full-width embedding params / the run's (`compression_ratio`); search "
+        "s / retrain s are the phases' wall times from `run_state.json` (the baseline's training wall time is in the "
+        "retrain column); a run whose fraction exceeds its budget is `over budget`, never `done`; notes are what the "
+        "search could not meet or adapted to the data (`plan.json` extra: fallbacks, adaptations).",
         "",
     ]
     for row in rows:
