@@ -158,7 +158,7 @@ def test_driver_end_to_end(tiny_planted, tmp_path):
     assert failed["test_auc"] == {"mean": None, "std": None, "n": 0}
     assert failed["embedding_fraction"]["mean"] is None
     (failure,) = failed["failures"]
-    assert failure["seeds"] == list(SEEDS) and "below the smallest uniform plan" in failure["status"]
+    assert failure["seeds"] == list(SEEDS) and "fixed: budget 0.2 is below the floor of this method" in failure["status"]
     md = (out / bq.QUALITY_MD).read_text()
     (fixed_row,) = [line for line in md.splitlines() if line.startswith(f"| fixed | {BUDGET} | 0/2 |")]
     assert "failed 2/2" in fixed_row and "| 0/2 | — |" in fixed_row
