@@ -56,7 +56,7 @@ from embdim.launch.launcher import repo_env
 from embdim.launch.run_cli import cell_dir, run_logged
 from embdim.trainer import report as rep
 from embdim.trainer.data.manifest import DatasetError, load_counts, load_manifest
-from embdim.trainer.io import atomic_write_json, atomic_write_text
+from embdim.io import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 QUALITY_JSON = "quality.json"

@@ -40,8 +40,8 @@ from embdim.embedding_methods.mixed_dim import (
     _ProjectedEmbeddingBagCollection,
 )
 from embdim.embedding_methods.plan import WIDTH_MULTIPLE, SizePlan, plan_file, uniform_plan
-from embdim.trainer.config import ConfigError
-from embdim.trainer.io import atomic_path
+from embdim.errors import ConfigError
+from embdim.io import atomic_path
 
 
 def collapse_table(V: torch.Tensor, W: torch.Tensor) -> torch.Tensor:

@@ -47,10 +47,12 @@ from embdim.embedding_methods.remap import IdRemapper
 from embdim.sharding import state as sharded_state
 from embdim.sharding.compact import write_compact_state
 from embdim.trainer.checkpoint import load_torch_file
-from embdim.trainer.config import Config, ConfigError, _check
+from embdim.errors import ConfigError
+from embdim.errors import check as _check
+from embdim.trainer.config import Config
 from embdim.trainer.data.manifest import Manifest, load_counts, load_manifest
-from embdim.trainer.distributed import DistEnv
-from embdim.trainer.io import atomic_path, atomic_write_json
+from embdim.sharding.distributed import DistEnv
+from embdim.io import atomic_path, atomic_write_json
 from embdim.trainer.loop import Trainer
 from embdim.trainer.model import table_data_type
 
