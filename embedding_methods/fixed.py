@@ -54,6 +54,7 @@ class FixedWidth(EmbeddingMethod):
     """Every field at the same width (from the budget, else ``Config.width``)."""
 
     name = "fixed"
+    report_order = 0
     requires_search_training = False
 
     @dataclass(kw_only=True)

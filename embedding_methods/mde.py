@@ -131,6 +131,7 @@ class MDE(EmbeddingMethod):
     """Mixed-dimension embeddings by the alpha power rule (closed form, no search training)."""
 
     name = "mde"
+    report_order = 1
     default_layout = "project"  # MDE is defined with projections (Ginart et al. 2021, Sec. 3: E = V P)
     requires_search_training = False
 

@@ -174,6 +174,7 @@ class MLET(EmbeddingMethod):
     """Factorized k-wide training collapsed to width d (exact), padded (or projected) to D."""
 
     name = "mlet"
+    report_order = 2
     # The paper trains factorized and serves the collapse ``V W^T`` (Sec. 3); training the
     # collapsed table for more epochs is not part of MLET. Measured: a second pass over the same
     # data with fresh optimizer state overfits (H100, 480k rows: 0.7933 -> 0.7639 test AUC;

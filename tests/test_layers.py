@@ -46,11 +46,14 @@ def test_the_import_scanner_sees_every_form(tmp_path):
     assert [line.split(":")[1] for line in found] == ["1", "2", "5", "6"], found
 
 
-@pytest.mark.parametrize("package", ["embedding_methods", "sharding"])
-def test_methods_and_sharding_import_no_trainer_or_launcher(package):
+@pytest.mark.parametrize(("package", "forbidden"), [
+    ("embedding_methods", ("embdim.trainer", "embdim.launch", "embdim.sharding")),
+    ("sharding", ("embdim.trainer", "embdim.launch")),
+])
+def test_methods_and_sharding_import_no_trainer_or_launcher(package, forbidden):
     files = sorted((REPO / package).rglob("*.py"))
     assert files
-    bad = [hit for path in files for hit in _offending(path, ("embdim.trainer", "embdim.launch"))]
+    bad = [hit for path in files for hit in _offending(path, forbidden)]
     assert not bad, "\n".join(bad)
 
 
@@ -77,3 +80,28 @@ def test_moved_modules_keep_their_old_names():
     assert embdim.trainer.io is embdim.io
     assert embdim.trainer.distributed is embdim.sharding.distributed
     assert embdim.trainer.config.ConfigError is embdim.errors.ConfigError
+
+
+def _method_probes(tree: ast.AST) -> list[str]:
+    """``hasattr``/``getattr`` calls whose object is the method (``method``, ``method_cls``)."""
+    return [f"line {node.lineno}: {ast.unparse(node)}" for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id in ("hasattr", "getattr") and node.args
+            and isinstance(node.args[0], ast.Name) and node.args[0].id in ("method", "method_cls")]
+
+
+def test_the_search_phase_calls_only_declared_hooks():
+    """``trainer/phases.py`` probes no method with hasattr/getattr, and every attribute it uses on
+    ``method`` is declared (with a default) on ``EmbeddingMethod``."""
+    from embdim.embedding_methods.base import EmbeddingMethod
+
+    probe = ast.parse("if hasattr(method, 'bind_model'):\n    getattr(method, 'x', 0)\ngetattr(config, method.name)\n")
+    assert len(_method_probes(probe)) == 2  # the check below can fail
+    tree = ast.parse((REPO / "trainer" / "phases.py").read_text())
+    assert not _method_probes(tree), _method_probes(tree)
+    used = {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "method"}
+    assert {"warm_start", "init_search_state", "bind_model", "required_search_steps",
+            "needs_initial_checkpoint", "requires_search_training", "supports_warm_start"} <= used
+    undeclared = sorted(name for name in used if not hasattr(EmbeddingMethod, name))
+    assert not undeclared, f"trainer/phases.py uses undeclared method hooks: {undeclared}"
