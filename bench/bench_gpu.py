@@ -371,7 +371,8 @@ def build_variant(variant: str, config: Any, data: Path, run_dir: Path, env: Any
         from embdim.sharding.planner import shard_model
 
         plan = _compact_plan(variant[len("ebc_compact_"):], variant, config, manifest, data, state)
-        dmp = shard_model(EmbeddingOnly(compact_module(plan, config)), env, config)
+        dmp = shard_model(EmbeddingOnly(compact_module(plan, config)), env, config.sharding, config.optim,
+                          config.data.batch_size)
         return Built(dmp, fused_and_adam(dmp, config.optim.dense_lr), compact_module(plan, config).inner_configs(),
                      transform=IdRemapper(plan))
     if kind == "compact":
@@ -529,7 +530,7 @@ def _max_over_ranks(values: list[float], env: Any) -> list[float]:
 
 def worker(args: argparse.Namespace) -> None:
     from embdim.trainer.data.manifest import load_manifest
-    from embdim.trainer.distributed import destroy, init_distributed
+    from embdim.sharding.distributed import destroy, init_distributed
 
     env = init_distributed()
     data = Path(args.out) / "data"
@@ -700,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     table = render(rows)
     header = (f"Command: python -m bench.bench_gpu {' '.join(passthrough)}\n"
               f"Date: {datetime.date.today().isoformat()}; torch {torch.__version__}\n\n")
-    from embdim.trainer.io import atomic_write_text
+    from embdim.io import atomic_write_text
 
     atomic_write_text(out / "bench_gpu.md", header + table)
     print(header + table, flush=True)

@@ -50,18 +50,19 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from embdim.embedding_methods import METHOD_NAMES
 from embdim.embedding_methods.plan import FieldPlan, PlanError, SizePlan, load_plan
 from bench import cpu_description
 from embdim.launch.launcher import repo_env
 from embdim.launch.run_cli import cell_dir, run_logged
 from embdim.trainer import report as rep
 from embdim.trainer.data.manifest import DatasetError, load_counts, load_manifest
-from embdim.trainer.io import atomic_write_json, atomic_write_text
+from embdim.io import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 QUALITY_JSON = "quality.json"
 QUALITY_MD = "quality.md"
-DEFAULT_METHODS = "fixed,mde,mlet,optembed,amtl,pme"
+DEFAULT_METHODS = ",".join(METHOD_NAMES)
 DEFAULT_BUDGETS = "0.5,0.25,0.1"
 DEFAULT_SEEDS = "0,1,2"
 # Config keys the driver owns: one value per seed folder. A user --set of one of them would make

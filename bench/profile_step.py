@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     from bench.bench_gpu import ensure_dataset
     from embdim.trainer.data.manifest import load_manifest
-    from embdim.trainer.distributed import destroy, init_distributed
+    from embdim.sharding.distributed import destroy, init_distributed
 
     bargs = _bench_args(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """Embedding-size methods, the size plan they export, and the compact retrain module.
 
 Registry: ``METHODS`` maps a method name to its ``EmbeddingMethod`` class; ``get_method(name)``
-looks one up. To add a method: a new file with the class (nested ``Config`` dataclass), an entry
-in ``_registry()`` below, a config under ``configs/`` and a test.
+looks one up; ``METHOD_NAMES`` lists the names in report order. All three come from one scan of
+this package's source for ``EmbeddingMethod`` subclasses (``_discover``), so a new method registers
+itself by its class alone: see README.md in this folder for what else a method writes.
 
 For users of a finished run (the whole recipe is in the README, "Using the compact model in an
 existing DLRM pipeline"; the package root ``embdim`` re-exports these names)::
@@ -20,6 +21,7 @@ and the TorchRec-side helpers (and with them torchrec) load on first use of thei
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,25 +47,61 @@ __all__ = [
 ]
 
 
-# The registered names, in report order (available without importing torchrec).
-METHOD_NAMES = ("fixed", "mde", "mlet", "optembed", "amtl", "pme")
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _discover(package_dir: Path = _PACKAGE_DIR, package: str = "embdim.embedding_methods") -> dict[str, tuple[str, str]]:
+    """The one method registry: ``{name: (module, class name)}`` in report order, read from the
+    source of this package (``ast``, so it needs no torch or torchrec and imports nothing).
+
+    A method registers itself by being a class in any module of this package (sub-folders too)
+    that derives from ``EmbeddingMethod`` and sets ``name`` and ``report_order`` to literals;
+    ``report_order`` sorts ``METHOD_NAMES`` (reports, CLI help, ``compare``'s default grid).
+    """
+    found: dict[str, tuple[str, str, int]] = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        if "EmbeddingMethod" not in source:
+            continue
+        module = ".".join((package, *path.relative_to(package_dir).with_suffix("").parts))
+        for node in ast.parse(source, filename=str(path)).body:
+            if not (isinstance(node, ast.ClassDef) and any(
+                    isinstance(b, ast.Name) and b.id == "EmbeddingMethod" for b in node.bases)):
+                continue
+            literals = {}
+            for stmt in node.body:
+                target = stmt.targets[0] if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 else \
+                    getattr(stmt, "target", None) if isinstance(stmt, ast.AnnAssign) else None
+                if isinstance(target, ast.Name) and isinstance(getattr(stmt, "value", None), ast.Constant):
+                    literals[target.id] = stmt.value.value
+            name, order = literals.get("name"), literals.get("report_order")
+            if not isinstance(name, str) or not name or isinstance(order, bool) or not isinstance(order, int):
+                raise RuntimeError(f"{path}: method class {node.name} must set name (a string) and report_order "
+                                   f"(an int) to literals, to be registered")
+            if name in found:
+                raise RuntimeError(f"{path}: method name {name!r} is also used by {found[name][0]}.{found[name][1]}")
+            found[name] = (module, node.name, order)
+    return {name: (module, cls) for name, (module, cls, _) in sorted(found.items(), key=lambda kv: (kv[1][2], kv[0]))}
 
 
 def _registry() -> dict[str, type[EmbeddingMethod]]:
-    from embdim.embedding_methods.amtl import AMTL
-    from embdim.embedding_methods.fixed import FixedWidth
-    from embdim.embedding_methods.mde import MDE
-    from embdim.embedding_methods.mlet import MLET
-    from embdim.embedding_methods.optembed import OptEmbed
-    from embdim.embedding_methods.pme import PME
+    import importlib
 
-    registry = {"fixed": FixedWidth, "mde": MDE, "mlet": MLET, "optembed": OptEmbed, "amtl": AMTL, "pme": PME}
-    assert tuple(registry) == METHOD_NAMES
+    registry = {}
+    for name, (module, cls_name) in _discover().items():
+        cls = getattr(importlib.import_module(module), cls_name)
+        if cls.name != name:  # pragma: no cover - the scan read this very literal
+            raise RuntimeError(f"{module}.{cls_name}.name is {cls.name!r}, the source says {name!r}")
+        registry[name] = cls
     return registry
 
 
 def __getattr__(name: str) -> Any:
     # PEP 562: build METHODS (importing torchrec) only when someone asks for it.
+    if name == "METHOD_NAMES":
+        names = tuple(_discover())
+        globals()["METHOD_NAMES"] = names
+        return names
     if name == "METHODS":
         methods = _registry()
         globals()["METHODS"] = methods

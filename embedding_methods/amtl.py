@@ -448,6 +448,7 @@ class AMTL(EmbeddingMethod):
     """
 
     name = "amtl"
+    report_order = 4
 
     @dataclass(kw_only=True, slots=True)
     class Config:
@@ -698,46 +699,24 @@ class AMTL(EmbeddingMethod):
         tables = {f.name: module.full_table(main_table_name(f.name)) for f in plan.fields}
         return retrain_init_state_from_tables(plan, tables)
 
-    def warm_start(self, trainer: Any, path: Path) -> dict[str, str]:
+    supports_warm_start = True
+
+    def warm_start(self, module: nn.Module, context: SearchContext, path: Path) -> dict[str, str]:
         """``embdim search --method amtl --init-from CHECKPOINT``: loads a trained baseline's
         full-width tables into the (sharded) search tables; the mask nets keep their init (every id
         at ``initial_width``, D by default, so the model starts as the baseline).
 
-        Reads the baseline's DCP checkpoint (``trainer.checkpoint`` layout; ``path`` is a
-        ``step_N`` folder or a run folder whose ``ckpt/latest`` names one) straight into this
-        model's sharded tables: DCP reshards, so the baseline may have used another plan or world
+        The baseline's DCP checkpoint (``path`` is a ``step_N`` folder or a run folder whose
+        ``ckpt/latest`` names one) is read straight into this model's sharded tables through
+        ``context.load_tables``: DCP reshards, so the baseline may have used another plan or world
         size. Collective. Returns ``{checkpoint key: search-model key}``.
 
         Args:
-            trainer: the search ``Trainer`` (``model``: the DMP, ``sparse_module``: this method's
-                search module inside it).
+            module: this method's search module (inside the sharded model).
+            context: the search context; its ``load_tables`` does the DCP read.
             path: the baseline checkpoint.
         """
-        import torch.distributed.checkpoint as dcp  # the trainer's checkpoint format
-
-        path = Path(path)
-        if not (path / ".metadata").exists() and (path / "ckpt" / "latest").exists():
-            path = path / "ckpt" / (path / "ckpt" / "latest").read_text().strip()
-        if not (path / ".metadata").exists():
-            raise ValueError(f"search.init_from: {path} is not a checkpoint folder (no .metadata)")
-        saved = list(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-        model_state = trainer.model.state_dict()
-        mapping = {}
-        for source, target in amtl_warm_start_keys(trainer.sparse_module).items():
-            targets = [k for k in model_state if k == target or k.endswith("." + target)]
-            sources = [k for k in saved if k.startswith("model.") and k.endswith("." + source)]
-            if len(targets) != 1 or len(sources) != 1:
-                raise ValueError(f"search.init_from: expected one baseline table ending in {source!r} in {path} "
-                                 f"(found {sources}) for the search table {target!r} (found {targets})")
-            mapping[sources[0]] = targets[0]
-        state = {src: model_state[dst] for src, dst in mapping.items()}
-        dcp.load(state, checkpoint_id=str(path))
-        # DCP loads ShardedTensor shards (live views of the TBE weights) in place; plain tensors
-        # it may replace, so copy those back.
-        with torch.no_grad():
-            for src, dst in mapping.items():
-                if state[src] is not model_state[dst] and not hasattr(model_state[dst], "local_shards"):
-                    model_state[dst].copy_(state[src])
+        mapping = context.load_tables(Path(path), amtl_warm_start_keys(module))
         logger.info("amtl: warm start from %s (%d tables)", path, len(mapping))
         return mapping
 

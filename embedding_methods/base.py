@@ -15,13 +15,21 @@ retrain
     ``retrain_module(plan)`` (shared, in ``embedding_methods.mixed_dim``) builds the compact
     mixed-dimension module from the plan, whatever method produced it.
 
+The search phase (``trainer/phases.py::run_search``) calls every hook below unconditionally; the
+defaults here are what a method that does not override one gets. In call order: ``check_budget``,
+``fit_schedule`` (when ``requires_search_training``), ``warm_start`` (``--init-from``, when
+``supports_warm_start``), ``init_search_state``, the ``required_search_steps`` check, the
+step-0 copy (``needs_initial_checkpoint``), training, ``bind_model``, ``export_plan``,
+``retrain_init_state`` (when ``wants_retrain_init()``). Methods never receive the trainer: what
+needs ranks, data or checkpoints goes through the ``SearchContext``.
+
 Before any training the trainer asks the method two things, with plain numbers only:
 ``check_budget(budget)`` raises ``BudgetError`` (one wording for every method, naming the floor)
 when no plan of the method fits the budget, and ``fit_schedule(schedule)`` lets a method whose
 settings count training steps (PME's saliency batches) adapt them to the steps the data gives,
 or fail naming the setting to change. Adaptations are recorded in ``plan.extra["adaptations"]``.
 
-Methods are registered by name in ``embedding_methods.METHODS``.
+A subclass registers itself by name (``embedding_methods.METHODS``): see ``name``.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
@@ -38,6 +47,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from embdim.embedding_methods.plan import LAYOUTS, WIDTH_MULTIPLE, layout_projection_params
+from embdim.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -127,11 +137,24 @@ class SearchContext(Protocol):
         """The train-split id counts of a field (``counts/<field>.npy``, memory-mapped)."""
         ...
 
+    def load_tables(self, path: Path, key_map: dict[str, str]) -> dict[str, str]:
+        """Loads tables of a DCP checkpoint (a ``step_N`` folder, or a run folder whose
+        ``ckpt/latest`` names one) into the live sharded tables: ``key_map`` maps a checkpoint
+        table key suffix to a search-model key suffix. Collective. Returns ``{checkpoint key:
+        model key}``; raises ``ValueError`` naming the folder or the unmatched key."""
+        ...
+
 
 class EmbeddingMethod(ABC):
     """Base class of a method. Subclasses define ``name`` and a nested ``Config`` dataclass."""
 
     name: str = ""
+    """The method's name: ``--method``, its config section (``[<name>]`` in configs/methods.toml,
+    a ``RunConfig`` field), ``plan.method``. Set it to a literal: the registry reads it from the
+    source (``embedding_methods._discover``)."""
+    report_order: int = -1
+    """Position in ``METHOD_NAMES`` (reports, CLI help, ``compare``'s default grid), ascending; a
+    literal in the class body, like ``name``."""
     default_layout: str = "pad"
     """The plan layout (``embedding_methods.plan.LAYOUTS``) used when the run does not choose one:
     ``pad`` (zero padding, the papers' models) for every method but MDE, which is defined with
@@ -140,6 +163,19 @@ class EmbeddingMethod(ABC):
     """True when the plan's start weights already compute exactly what the trained search model
     computed (MLET's collapse): the retrain phase then only evaluates them unless
     ``retrain.epochs`` asks for fine-tuning."""
+    requires_search_training: bool = True
+    """False for a closed-form plan (fixed, MDE): the search phase trains nothing and calls
+    ``export_plan(None, context)`` with a context that reads no model."""
+    supports_warm_start: bool = False
+    """True when ``warm_start`` can start the search from a trained baseline
+    (``search.init_from``); the search refuses ``--init-from`` for the others before training."""
+    needs_initial_checkpoint: bool = False
+    """True when ``retrain_init_state`` needs the search module's step-0 weights (a
+    lottery-ticket rewind): the search phase then keeps an unsharded copy of them (also on disk,
+    so a resumed search still has them) and passes it as ``initial``."""
+    required_search_steps: int = 0
+    """Training steps the search must run for ``export_plan`` to work (0 = any number); a
+    ``train.max_steps`` below it fails before training."""
 
     def __init__(self, config: Any, fields: list[FieldSpec], embedding_dim: int, *, layout: str | None = None) -> None:
         config_cls = getattr(type(self), "Config", None)
@@ -210,6 +246,23 @@ class EmbeddingMethod(ABC):
     def extra_parameters(self, module: nn.Module) -> list[nn.Parameter]:
         """Parameters owned by ``extra_optimizers`` (the trainer excludes them from the dense one)."""
         return []
+
+    def warm_start(self, module: nn.Module, context: SearchContext, path: Path) -> dict[str, str]:
+        """Starts the search from a trained baseline's checkpoint at ``path`` (``--init-from``),
+        before training and only when not resuming; tables load through ``context.load_tables``
+        (the search phase loads the dense arches itself). Collective. Returns ``{checkpoint key:
+        search-model key}``. Called only when ``supports_warm_start``; the default has none."""
+        raise ConfigError(f"search.init_from: method {self.name!r} has no warm start")
+
+    def init_search_state(self, module: nn.Module, context: SearchContext) -> None:
+        """Fills per-id state of the search module (frequency side tables, zeroed accumulators)
+        after sharding and before training, shard by shard through ``context.local_rows``. The
+        default has none."""
+
+    def bind_model(self, model: nn.Module) -> None:
+        """Gives the method the trained model (the sharded DLRM holding the search module) after
+        training, before ``export_plan``, for methods that score candidates with whole-model
+        forwards (OptEmbed's evolution). The default needs none."""
 
     @abstractmethod
     def export_plan(self, module: nn.Module, context: SearchContext) -> "Any":

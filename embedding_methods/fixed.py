@@ -17,7 +17,7 @@ from embdim.embedding_methods.base import (BudgetError, EmbeddingMethod, FieldSp
                                            uniform_floor)
 from embdim.embedding_methods.mixed_dim import table_name_for_feature
 from embdim.embedding_methods.plan import WIDTH_MULTIPLE, SizePlan, layout_projection_params, uniform_plan
-from embdim.trainer.config import ConfigError
+from embdim.errors import ConfigError
 
 __all__ = ["BudgetError", "FixedWidth", "fixed_width_for_budget", "full_width_tables", "uniform_params"]
 
@@ -54,6 +54,7 @@ class FixedWidth(EmbeddingMethod):
     """Every field at the same width (from the budget, else ``Config.width``)."""
 
     name = "fixed"
+    report_order = 0
     requires_search_training = False
 
     @dataclass(kw_only=True)

@@ -589,6 +589,9 @@ class LocalSearchContext:
     def evaluate(self, score_fn: Callable[[Any], None]) -> None:
         raise NotImplementedError("LocalSearchContext has no validation data")
 
+    def load_tables(self, path: Any, key_map: dict[str, str]) -> dict[str, str]:
+        raise NotImplementedError("LocalSearchContext reads no checkpoints (sharding.state.load_checkpoint_tables does)")
+
     def counts(self, field_name: str) -> np.ndarray:
         return self._counts[field_name]
 

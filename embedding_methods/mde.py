@@ -28,7 +28,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from embdim.embedding_methods.base import BudgetError, EmbeddingMethod, SearchContext
 from embdim.embedding_methods.fixed import full_width_tables
 from embdim.embedding_methods.plan import WIDTH_MULTIPLE, SizePlan, layout_projection_params, uniform_plan
-from embdim.trainer.config import ConfigError
+from embdim.errors import ConfigError
 
 
 def _round_widths(raw: np.ndarray, embedding_dim: int, round_to_power_of_2: bool) -> np.ndarray:
@@ -131,6 +131,7 @@ class MDE(EmbeddingMethod):
     """Mixed-dimension embeddings by the alpha power rule (closed form, no search training)."""
 
     name = "mde"
+    report_order = 1
     default_layout = "project"  # MDE is defined with projections (Ginart et al. 2021, Sec. 3: E = V P)
     requires_search_training = False
 

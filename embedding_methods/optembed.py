@@ -713,6 +713,7 @@ class OptEmbed(EmbeddingMethod):
     """
 
     name = "optembed"
+    report_order = 3
 
     @dataclass(kw_only=True, slots=True)
     class Config:

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from embdim.trainer.io import atomic_save_npy, atomic_write_json
+from embdim.io import atomic_save_npy, atomic_write_json
 
 SCHEMA_VERSION = 1
 PLAN_FILE = "plan.json"

@@ -263,6 +263,7 @@ class PME(EmbeddingMethod):
     """
 
     name = "pme"
+    report_order = 5
 
     @dataclass(kw_only=True, slots=True)
     class Config:

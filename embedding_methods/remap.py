@@ -27,7 +27,7 @@ from typing import Any, Union
 import numpy as np
 
 from embdim.embedding_methods.plan import PlanError, SizePlan, field_file_stems, group_feature_name
-from embdim.trainer.io import atomic_save_npy
+from embdim.io import atomic_save_npy
 
 FeatureNames = Union[Mapping[str, str], Sequence[str], None]
 """A field renaming: ``{plan field: pipeline name}`` (fields not listed keep their names), or one

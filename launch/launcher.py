@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from embdim.launch.procs import supervised, torchrun_command
-from embdim.trainer.io import held_locks_env
+from embdim.io import held_locks_env
 
 # The repository root (parent of launch/): put on the workers' PYTHONPATH so ``-m embdim.launch.main``
 # resolves even when embdim is not pip-installed.
@@ -101,7 +101,7 @@ def repo_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of ``environ`` (default: ``os.environ``) with the repository root first on
     PYTHONPATH, so a child's ``-m embdim.launch.main`` (or ``-m bench.*``) resolves without a pip
     install, and the output folders this process holds locked listed for the child (it writes
-    into them for this job: ``trainer.io.output_lock``)."""
+    into them for this job: ``embdim.io.output_lock``)."""
     env = held_locks_env(os.environ if environ is None else environ)
     path = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = str(_ROOT) + (os.pathsep + path if path else "")

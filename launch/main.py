@@ -43,7 +43,7 @@ from embdim.launch.procs import AGENT_ENV, Interrupted, die_with_parent, interru
 from embdim.trainer.checkpoint import CheckpointError
 from embdim.trainer.config import ConfigError, load_config
 from embdim.trainer.data.manifest import DatasetError, require_dataset
-from embdim.trainer.io import FolderBusy, StorageError, output_lock, storage_cause
+from embdim.io import FolderBusy, StorageError, output_lock, storage_cause
 from embdim.trainer.logger import init_logger
 
 logger = logging.getLogger("embdim")
@@ -68,7 +68,7 @@ DEMO_SETTINGS = [
 
 # ---------------------------------------------------------------------------- train
 def _train(args: argparse.Namespace) -> int:
-    from embdim.trainer.distributed import abort, destroy, init_distributed
+    from embdim.sharding.distributed import abort, destroy, init_distributed
     from embdim.trainer.loop import Trainer
 
     from embdim.trainer.phases import RunConfig

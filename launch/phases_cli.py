@@ -20,7 +20,7 @@ from typing import Iterator
 
 from embdim.trainer.config import ConfigError, load_config
 from embdim.trainer.data.manifest import DatasetError, counts_path, load_manifest, require_dataset
-from embdim.trainer.io import StorageError, output_lock
+from embdim.io import StorageError, output_lock
 
 # Methods whose search reads the train-split id counts (counts/<field>.npy): AMTL's frequency
 # features, PME's unseen-id pruning. Checked before any rank starts training, not at export.
@@ -44,7 +44,7 @@ def check_out(out: str | Path, data: str | Path) -> None:
 def run_output(args: argparse.Namespace) -> Iterator[None]:
     """The ``--out`` of a rank-level command, checked and locked for the block: one job per run
     folder. Only rank 0 (or a process without torchrun) takes the lock, and none does when a parent
-    ``embdim`` process holds it for its ranks (``trainer.io.output_lock``)."""
+    ``embdim`` process holds it for its ranks (``embdim.io.output_lock``)."""
     check_out(args.out, args.data)
     if os.environ.get("RANK", "0") != "0":
         yield
@@ -86,7 +86,7 @@ def load_run_config(args: argparse.Namespace, extra: list[str] = ()) -> "object"
 
 def _search(args: argparse.Namespace) -> int:
     from embdim.embedding_methods import get_method
-    from embdim.trainer.distributed import destroy, init_distributed
+    from embdim.sharding.distributed import destroy, init_distributed
     from embdim.trainer.phases import run_search
 
     get_method(args.method)  # unknown names fail before any rank starts
@@ -113,7 +113,7 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    from embdim.trainer.distributed import destroy, init_distributed
+    from embdim.sharding.distributed import destroy, init_distributed
     from embdim.trainer.phases import run_retrain
 
     config = load_run_config(args)

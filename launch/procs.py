@@ -41,7 +41,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from embdim.trainer.io import die_with_parent
+from embdim.io import die_with_parent
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GRACE_S = 5.0

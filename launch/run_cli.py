@@ -45,9 +45,9 @@ from embdim.launch.launcher import repo_env, torchrun_argv
 from embdim.launch.procs import Interrupted, supervised, torchrun_command
 from embdim.trainer.config import ConfigError
 from embdim.trainer.data.manifest import DatasetError, load_manifest
-from embdim.trainer.io import atomic_write_json
+from embdim.io import atomic_write_json
 from embdim.launch.phases_cli import add_config_arguments, check_out, require_counts
-from embdim.trainer.io import output_lock
+from embdim.io import output_lock
 from embdim.trainer import report as rep
 
 RUN_PHASES = ("search", "retrain")

@@ -1,4 +1,5 @@
-"""Sharding: planner constraints and sharders (``planner``), shard-local reads and edits
+"""Sharding: the distributed environment (``distributed``), the [sharding] and [optim] settings
+(``config``), planner constraints and sharders (``planner``), shard-local reads and edits
 (``state``), and retrained compact weights into a sharded model (``compact``).
 
 ``restore_compact_weights`` is importable from here; it loads on first use, so importing the

@@ -10,7 +10,7 @@ Example::
 
     env = init_distributed()
     model = build_model(config.model, manifest, device=env.device)
-    dmp = shard_model(model, env, config)
+    dmp = shard_model(model, env, config.sharding, config.optim, config.data.batch_size)
     print(plan_summary(dmp.plan))
 """
 
@@ -33,8 +33,9 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from embdim.trainer.config import Config, ConfigError, OptimConfig, ShardingConfig
-from embdim.trainer.distributed import DistEnv
+from embdim.errors import ConfigError
+from embdim.sharding.config import OptimConfig, ShardingConfig
+from embdim.sharding.distributed import DistEnv
 
 logger = logging.getLogger(__name__)
 
@@ -180,24 +181,28 @@ def device_memory(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).total_memory
 
 
-def plan_model(model: nn.Module, env: DistEnv, config: Config) -> ShardingPlan:
+def plan_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig, batch_size: int) -> ShardingPlan:
     """Runs the planner on rank 0 and broadcasts the plan (``collective_plan``), so every rank
-    shards identically."""
+    shards identically. ``batch_size`` is the per-rank training batch (the planner's cost model)."""
     topology = Topology(
         world_size=env.world_size, compute_device=env.device.type, local_world_size=env.local_world_size,
         hbm_cap=device_memory(env.device),
     )
     planner = EmbeddingShardingPlanner(
         topology=topology,
-        batch_size=config.data.batch_size,
-        constraints=build_constraints(model, config.sharding, env.device.type, env.world_size),
+        batch_size=batch_size,
+        constraints=build_constraints(model, sharding, env.device.type, env.world_size),
         debug=False,
     )
-    return planner.collective_plan(model, get_sharders(config.sharding.comm_precision), env.pg)
+    return planner.collective_plan(model, get_sharders(sharding.comm_precision), env.pg)
 
 
-def shard_model(model: nn.Module, env: DistEnv, config: Config) -> DistributedModelParallel:
+def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig, optim: OptimConfig,
+                batch_size: int) -> DistributedModelParallel:
     """Fuses the sparse optimizer into the embedding tables, plans and wraps the model in DMP.
+
+    Takes only the settings it needs: the ``[sharding]`` and ``[optim]`` sections and the per-rank
+    training batch size (``data.batch_size``), for the planner's cost model.
 
     The fused optimizer must be attached before DMP (docs/torchrec-notes.md#fused-optimizers): sharded tables have no
     ``.grad``; their update runs inside the backward of the TBE kernel. The result exposes it as
@@ -206,20 +211,20 @@ def shard_model(model: nn.Module, env: DistEnv, config: Config) -> DistributedMo
     modules = embedding_modules(model)
     if not modules:
         raise ValueError("the model holds no EmbeddingBagCollection or EmbeddingCollection to shard")
-    optim_cls, optim_kwargs = sparse_optimizer(config.optim, env.device.type)
+    optim_cls, optim_kwargs = sparse_optimizer(optim, env.device.type)
     # Tables that already carry a fused optimizer keep it: a method's auxiliary tables (frozen side
     # features with lr 0, a saliency accumulator with SGD lr 1) set their own, and TorchRec
     # refuses two optimizers on one table ("Only support 1 optimizer").
     params = [p for _, m in modules for p in m.parameters() if not getattr(p, "_optimizer_classes", None)]
     if params:
         apply_optimizer_in_backward(optim_cls, params, optim_kwargs)
-    plan = plan_model(model, env, config)
+    plan = plan_model(model, env, sharding, batch_size)
     return DistributedModelParallel(
         module=model,
         env=ShardingEnv.from_process_group(env.pg),
         device=env.device,
         plan=plan,
-        sharders=get_sharders(config.sharding.comm_precision),
+        sharders=get_sharders(sharding.comm_precision),
     )
 
 

@@ -14,10 +14,14 @@ Example::
     for row, col, block in local_shards(dmp, "t_c0"):   # block: [rows, cols] view
         block[:, :4].zero_()                            # (under torch.no_grad())
     full = gather_table(dmp, "t_c0")                    # [num_embeddings, dim] on every rank
+
+``load_checkpoint_tables`` reads tables of a DCP checkpoint into the live shards (a warm start
+from a trained baseline).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -147,3 +151,51 @@ def write_rows(model: nn.Module, table_name: str, fn: BlockFn) -> None:
                 raise ValueError(f"write_rows({table_name!r}): fn returned shape {tuple(new.shape)} "
                                  f"for a block of shape {tuple(block.shape)}")
             block.copy_(new)
+
+
+# ---------------------------------------------------------------------------- DCP checkpoint reads
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The DCP checkpoint folder ``path`` names: a ``step_N`` folder itself, or a run folder whose
+    ``ckpt/latest`` names one (the layout ``trainer.checkpoint`` writes)."""
+    path = Path(path)
+    if not (path / ".metadata").exists() and (path / "ckpt" / "latest").exists():
+        path = path / "ckpt" / (path / "ckpt" / "latest").read_text().strip()
+    return path
+
+
+def load_checkpoint_tables(model: nn.Module, path: str | Path, key_map: dict[str, str],
+                           key: str = "search.init_from") -> dict[str, str]:
+    """Loads tables of a DCP checkpoint into the live (possibly sharded) tables of ``model``.
+
+    ``key_map`` maps a checkpoint table key suffix to a model key suffix (e.g.
+    ``{"embedding_bags.t_a.weight": "ec.embeddings.t_a.weight"}``); each side must match exactly
+    one key, the checkpoint's under its ``model.`` prefix. DCP reshards, so the checkpoint may come
+    from another plan or world size. Collective. ``key`` names the setting in error messages.
+
+    Returns:
+        ``{checkpoint key: model key}`` of every table loaded.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    path = resolve_checkpoint(path)
+    if not (path / ".metadata").exists():
+        raise ValueError(f"{key}: {path} is not a checkpoint folder (no .metadata)")
+    saved = list(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    model_state = model.state_dict()
+    mapping = {}
+    for source, target in key_map.items():
+        targets = [k for k in model_state if k == target or k.endswith("." + target)]
+        sources = [k for k in saved if k.startswith("model.") and k.endswith("." + source)]
+        if len(targets) != 1 or len(sources) != 1:
+            raise ValueError(f"{key}: expected one checkpoint table ending in {source!r} in {path} "
+                             f"(found {sources}) for the model table {target!r} (found {targets})")
+        mapping[sources[0]] = targets[0]
+    state = {src: model_state[dst] for src, dst in mapping.items()}
+    dcp.load(state, checkpoint_id=str(path))
+    # DCP loads ShardedTensor shards (live views of the TBE weights) in place; plain tensors it may
+    # replace, so copy those back.
+    with torch.no_grad():
+        for src, dst in mapping.items():
+            if state[src] is not model_state[dst] and not hasattr(model_state[dst], "local_shards"):
+                model_state[dst].copy_(state[src])
+    return mapping

@@ -247,22 +247,25 @@ def test_warm_start_from_a_dcp_checkpoint(tmp_path) -> None:
     method = AMTL(AMTL.Config(), FIELDS, D)
     module, _ = search_module(method)
 
-    class Trainer:  # the two attributes warm_start reads
-        def __init__(self) -> None:
-            self.model = torch.nn.Module()
-            self.model.dlrm = torch.nn.Module()
-            self.model.dlrm.model = torch.nn.Module()
-            self.model.dlrm.model.sparse_arch = torch.nn.Module()
-            self.model.dlrm.model.sparse_arch.embedding_bag_collection = module
-            self.sparse_module = module
+    from embdim.sharding.state import load_checkpoint_tables
 
-    mapping = method.warm_start(Trainer(), tmp_path)  # a run folder: ckpt/latest is followed
+    model = torch.nn.Module()  # the search module where the search model holds it
+    model.dlrm = torch.nn.Module()
+    model.dlrm.model = torch.nn.Module()
+    model.dlrm.model.sparse_arch = torch.nn.Module()
+    model.dlrm.model.sparse_arch.embedding_bag_collection = module
+
+    class Context:  # the one context hook warm_start uses, as the search phase's context does it
+        def load_tables(self, path, key_map):
+            return load_checkpoint_tables(model, path, key_map)
+
+    mapping = method.warm_start(module, Context(), tmp_path)  # a run folder: ckpt/latest is followed
     assert mapping == {f"model.{prefix}embedding_bags.t_a.weight": f"{prefix}ec.embeddings.t_a.weight",
                        f"model.{prefix}embedding_bags.t_b.weight": f"{prefix}ebc.embedding_bags.t_b.weight"}
     torch.testing.assert_close(module.ec.embeddings["t_a"].weight, baseline.embedding_bags["t_a"].weight)
     torch.testing.assert_close(module.ebc.embedding_bags["t_b"].weight, baseline.embedding_bags["t_b"].weight)
     with pytest.raises(ValueError, match="not a checkpoint folder"):
-        method.warm_start(Trainer(), tmp_path / "nowhere")
+        method.warm_start(module, Context(), tmp_path / "nowhere")
 
 
 def test_empty_pooled_collection_still_builds_on_meta() -> None:

@@ -55,7 +55,7 @@ def _cli(argv: list[str]) -> tuple[int, str]:
 def _matrix(rank: int, world_size: int, data: str, root: str) -> None:
     """One rank of the whole matrix: every search, then one retrain per method (its smallest
     budget that produced a plan). Each rank records its exit codes and error lines."""
-    import embdim.trainer.distributed as distributed
+    import embdim.sharding.distributed as distributed
 
     # The harness owns the process group: each command adopts it (``init_distributed``) and must
     # not tear it down, or the next command would have to rendezvous again.

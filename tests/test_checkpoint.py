@@ -61,7 +61,7 @@ def _flatten(tree, prefix=""):
 
 def _restore_body(rank: int, world_size: int, data: str, run_dir: str) -> None:
     from embdim.trainer.config import load_config
-    from embdim.trainer.distributed import init_distributed
+    from embdim.sharding.distributed import init_distributed
     from embdim.trainer.loop import Trainer
 
     env = init_distributed()
@@ -197,7 +197,7 @@ def test_exact_resume_after_failure_and_on_one_rank(tiny, tmp_path, capfd):
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     import os
 
-    from embdim.trainer.io import atomic_write_json
+    from embdim.io import atomic_write_json
 
     umask = os.umask(0o022)
     try:

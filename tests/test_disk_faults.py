@@ -12,10 +12,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-import embdim.trainer.io as io
+import embdim.io as io
 from embdim.launch.main import main
 from embdim.trainer.checkpoint import Checkpointer
-from embdim.trainer.io import StorageError, atomic_path, atomic_write_text
+from embdim.io import StorageError, atomic_path, atomic_write_text
 from tests.cli_checks import one_error_line, set_flags
 from tests.tiny_data import write_tiny_dataset
 

@@ -102,7 +102,7 @@ def _sharded_body(rank: int, world_size: int, data: str) -> None:
     from embdim.sharding.state import all_reduce_sum, gather_table, local_shards, write_rows
     from embdim.trainer.config import ConfigError
     from embdim.trainer.data.manifest import load_manifest
-    from embdim.trainer.distributed import init_distributed
+    from embdim.sharding.distributed import init_distributed
     from embdim.trainer.model import build_model
 
     env = init_distributed()
@@ -113,7 +113,8 @@ def _sharded_body(rank: int, world_size: int, data: str) -> None:
         for dtype in ("fp32", "fp16"):
             torch.manual_seed(0)
             config = _config(f"sharding.sharding_type={sharding_type}", f"model.table_dtype={dtype}")
-            dmp = shard_model(build_model(config.model, manifest, device=env.device), env, config)
+            dmp = shard_model(build_model(config.model, manifest, device=env.device), env, config.sharding, config.optim,
+                          config.data.batch_size)
             tbes = _tbe_modules(dmp)
             assert tbes, sharding_type
             stored[dtype] = int(all_reduce_sum(torch.tensor([float(sum(_stored_bytes(t) for t in tbes))])).item())
@@ -142,7 +143,8 @@ def _sharded_body(rank: int, world_size: int, data: str) -> None:
     # Replicated tables are stepped by torch.optim in their own dtype: refused up front.
     config = _config("sharding.sharding_type=data_parallel", "model.table_dtype=fp16")
     with pytest.raises(ConfigError, match="model.table_dtype.*data_parallel"):
-        shard_model(build_model(config.model, manifest, device=env.device), env, config)
+        shard_model(build_model(config.model, manifest, device=env.device), env, config.sharding, config.optim,
+                          config.data.batch_size)
 
 
 @pytest.mark.slow

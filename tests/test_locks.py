@@ -18,7 +18,7 @@ import pytest
 
 from embdim.launch.launcher import repo_env
 from embdim.launch.main import main
-from embdim.trainer.io import LOCKED_ENV, held_locks_env, output_lock
+from embdim.io import LOCKED_ENV, held_locks_env, output_lock
 from tests.cli_checks import one_error_line, set_flags
 from tests.tiny_data import write_tiny_dataset
 
@@ -28,7 +28,7 @@ CSV_FLAGS = ["--label", "y", "--dense", "d0", "--sparse", "s0,s1", "--min-count"
 
 HOLDER = """
 import sys, time
-from embdim.trainer.io import output_lock
+from embdim.io import output_lock
 with output_lock(sys.argv[1], inside=sys.argv[2] == "inside", command="embdim train --out held-by-test"):
     print("locked", flush=True)
     time.sleep(600)
@@ -79,7 +79,7 @@ def test_busy_run_folder_is_refused_and_freed_when_the_holder_dies(data, tmp_pat
 
 def test_ranks_and_phases_of_the_holding_job_are_not_refused(tmp_path):
     run = tmp_path / "run"
-    probe = ("import sys; from embdim.trainer.io import output_lock\n"
+    probe = ("import sys; from embdim.io import output_lock\n"
              "with output_lock(sys.argv[1]) as lock: print('parent holds it' if lock is None else 'took it')")
 
     def child(folder: Path, env: dict[str, str]) -> subprocess.CompletedProcess:

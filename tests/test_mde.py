@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,12 +153,13 @@ def test_configs_validate() -> None:
 def test_registry() -> None:
     assert get_method("mde") is MDE and get_method("fixed") is FixedWidth
     assert tuple(embedding_methods.METHODS) == embedding_methods.METHOD_NAMES
-    assert set(embedding_methods.METHOD_NAMES) == {"fixed", "mde", "mlet", "optembed", "amtl", "pme"}
-    with pytest.raises(ValueError, match=r"unknown method 'autodim'; choose from \['amtl', 'fixed', 'mde', 'mlet', 'optembed', 'pme'\]"):
+    assert set(embedding_methods.METHOD_NAMES) >= {"fixed", "mde", "mlet", "optembed", "amtl", "pme"}
+    choices = re.escape(str(sorted(embedding_methods.METHOD_NAMES)))
+    with pytest.raises(ValueError, match=rf"unknown method 'autodim'; choose from {choices}"):
         get_method("autodim")
 
 
-@pytest.mark.parametrize("name", ["fixed", "mde", "mlet", "optembed", "amtl", "pme"])
+@pytest.mark.parametrize("name", embedding_methods.METHOD_NAMES)
 def test_every_method_checks_its_constructor_arguments(name) -> None:
     cls = get_method(name)
     fields = [FieldSpec(name="a", num_embeddings=10), FieldSpec(name="b", num_embeddings=20)]

@@ -28,8 +28,10 @@ def test_plan_model_passes_the_memory_to_the_topology(monkeypatch):
     monkeypatch.setattr(planner, "Topology", Topology)
     monkeypatch.setattr(planner, "device_memory", lambda device: 123)
     env = types.SimpleNamespace(world_size=2, local_world_size=2, device=torch.device("cpu"))
+    from embdim.sharding.config import ShardingConfig
+
     try:
-        planner.plan_model(torch.nn.Linear(1, 1), env, None)
+        planner.plan_model(torch.nn.Linear(1, 1), env, ShardingConfig(), 1)
     except RuntimeError as e:
         assert "stop after the topology" in str(e)
     assert seen["hbm_cap"] == 123 and seen["world_size"] == 2

@@ -22,7 +22,7 @@ import pytest
 
 from embdim.launch.launcher import repo_env
 from embdim.launch.main import main
-from embdim.trainer.io import output_lock
+from embdim.io import output_lock
 from tests.tiny_data import tiny_run_flags, write_tiny_dataset
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

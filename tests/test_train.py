@@ -44,7 +44,7 @@ def _sharding_body(rank: int, world_size: int, data: str) -> None:
     from embdim.sharding.state import all_reduce_sum, gather_table, local_shards, table_shape, write_rows
     from embdim.trainer.config import ConfigError
     from embdim.trainer.data.manifest import load_manifest
-    from embdim.trainer.distributed import init_distributed
+    from embdim.sharding.distributed import init_distributed
     from embdim.trainer.model import build_model
 
     env = init_distributed()
@@ -55,7 +55,8 @@ def _sharding_body(rank: int, world_size: int, data: str) -> None:
     for sharding_type in ("table_wise", "row_wise"):
         torch.manual_seed(0)
         config = _config(f"sharding.sharding_type={sharding_type}")
-        dmp = shard_model(build_model(config.model, manifest, device=env.device), env, config)
+        dmp = shard_model(build_model(config.model, manifest, device=env.device), env, config.sharding, config.optim,
+                          config.data.batch_size)
         placement = table_placement(dmp.plan)
         assert set(placement) == {f"t_{name}" for name, _, _ in FIELDS}
         assert {p["sharding_type"] for p in placement.values()} == {sharding_type}
@@ -80,7 +81,8 @@ def _sharding_body(rank: int, world_size: int, data: str) -> None:
     # FBGEMM's CPU kernel has no fused Adam: the error names the key up front.
     config = _config("optim.sparse_optimizer=adam")
     with pytest.raises(ConfigError, match="optim.sparse_optimizer"):
-        shard_model(build_model(config.model, manifest, device=env.device), env, config)
+        shard_model(build_model(config.model, manifest, device=env.device), env, config.sharding, config.optim,
+                          config.data.batch_size)
 
 
 def assert_pooled_sums(dmp: nn.Module, references: dict[str, torch.Tensor], *, seed: int, atol: float) -> None:
@@ -135,7 +137,7 @@ def _aux_loss(module: StandInSparse) -> torch.Tensor:
 
 
 def _hooks_body(rank: int, world_size: int, data: str, run_dir: str) -> None:
-    from embdim.trainer.distributed import init_distributed
+    from embdim.sharding.distributed import init_distributed
     from embdim.trainer.loop import Trainer
 
     env = init_distributed()

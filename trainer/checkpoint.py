@@ -45,8 +45,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from embdim.trainer.distributed import DistEnv
-from embdim.trainer.io import as_storage_error, atomic_write_json, atomic_write_text
+from embdim.sharding.distributed import DistEnv
+from embdim.io import as_storage_error, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -46,8 +46,8 @@ from embdim.sharding.planner import plan_summary, replicated_embedding_params, s
 from embdim.trainer.checkpoint import Checkpointer, CheckpointError, TrainerState, dataset_schema
 from embdim.trainer.config import Config, ConfigError, OptimConfig, config_to_dict
 from embdim.trainer.data.manifest import DatasetError, load_manifest
-from embdim.trainer.distributed import DistEnv, env_int
-from embdim.trainer.io import atomic_write_json
+from embdim.sharding.distributed import DistEnv, env_int
+from embdim.io import atomic_write_json
 from embdim.trainer.logger import build_logger
 from embdim.trainer.metrics import MetricAccumulator
 from embdim.trainer.model import AuxLossFn, SparseModuleFactory, build_model, embedding_size
@@ -148,7 +148,7 @@ class Trainer:
         config (Config): the run configuration.
         dataset_dir (str | Path): a folder made by ``embdim data`` (``dataset.json`` + Parquet).
         run_dir (str | Path): where ``metrics.json``, ``ckpt/`` and ``tensorboard/`` go.
-        env (DistEnv): from ``trainer.distributed.init_distributed()``.
+        env (DistEnv): from ``sharding.distributed.init_distributed()``.
         sparse_module_factory (SparseModuleFactory | None): ``tables -> module`` replacing the
             EmbeddingBagCollection in DLRM (see ``trainer.model``).
         aux_loss_fn (AuxLossFn | None): ``sparse_module -> Tensor | None`` added to the training
@@ -197,7 +197,8 @@ class Trainer:
                             sparse_module_factory=sparse_module_factory, aux_loss_fn=aux_loss_fn)
         # Counted on the unsharded model, where every collection still reports its own configs.
         self.embedding_params, self.embedding_bytes = embedding_size(model)
-        self.model: DistributedModelParallel = shard_model(model, env, config)
+        self.model: DistributedModelParallel = shard_model(
+            model, env, config.sharding, config.optim, config.data.batch_size)
         logger.info("sharding plan (%d ranks):\n%s", env.world_size, plan_summary(self.model.plan))
         self.optimizer = self._build_optimizer(extra_optimizers, excluded_dense_params)
 

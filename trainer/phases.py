@@ -34,23 +34,19 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from embdim.embedding_methods import get_method
-from embdim.embedding_methods.amtl import AMTL
 from embdim.embedding_methods.base import EmbeddingMethod, FieldSpec, TrainingSchedule
-from embdim.embedding_methods.fixed import FixedWidth
-from embdim.embedding_methods.mde import MDE
 from embdim.embedding_methods.mixed_dim import RETRAIN_WEIGHTS, build_retrain_module
-from embdim.embedding_methods.mlet import MLET
-from embdim.embedding_methods.optembed import OptEmbed
 from embdim.embedding_methods.plan import LAYOUTS, PlanError, SizePlan, load_plan, resolve_init_checkpoint, save_plan
-from embdim.embedding_methods.pme import PME
 from embdim.embedding_methods.remap import IdRemapper
 from embdim.sharding import state as sharded_state
 from embdim.sharding.compact import write_compact_state
 from embdim.trainer.checkpoint import load_torch_file
-from embdim.trainer.config import Config, ConfigError, _check
+from embdim.errors import ConfigError
+from embdim.errors import check as _check
+from embdim.trainer.config import Config
 from embdim.trainer.data.manifest import Manifest, load_counts, load_manifest
-from embdim.trainer.distributed import DistEnv
-from embdim.trainer.io import atomic_path, atomic_write_json
+from embdim.sharding.distributed import DistEnv
+from embdim.io import atomic_path, atomic_write_json
 from embdim.trainer.loop import Trainer
 from embdim.trainer.model import table_data_type
 
@@ -97,18 +93,23 @@ class RetrainConfig:
         _check(self.epochs >= -1, "retrain.epochs", f"must be -1 (method default), 0 or positive, got {self.epochs}")
 
 
-@dataclass
-class RunConfig(Config):
-    """``Config`` plus the search/retrain sections and one section per method (typed by the method)."""
+def _run_config_class() -> type:
+    """``Config`` plus the search/retrain sections and one section per registered method, typed by
+    the method's ``Config`` and named by it: generated from the method registry, so a new method's
+    section exists as soon as its class does."""
+    from embdim.embedding_methods import METHODS
 
-    search: SearchConfig = field(default_factory=SearchConfig)
-    retrain: RetrainConfig = field(default_factory=RetrainConfig)
-    fixed: FixedWidth.Config = field(default_factory=FixedWidth.Config)
-    mde: MDE.Config = field(default_factory=MDE.Config)
-    mlet: MLET.Config = field(default_factory=MLET.Config)
-    optembed: OptEmbed.Config = field(default_factory=OptEmbed.Config)
-    amtl: AMTL.Config = field(default_factory=AMTL.Config)
-    pme: PME.Config = field(default_factory=PME.Config)
+    sections = [("search", SearchConfig, field(default_factory=SearchConfig)),
+                ("retrain", RetrainConfig, field(default_factory=RetrainConfig))]
+    sections += [(name, cls.Config, field(default_factory=cls.Config)) for name, cls in METHODS.items()]
+    cls = dataclasses.make_dataclass("RunConfig", sections, bases=(Config,))
+    cls.__module__ = __name__
+    cls.__doc__ = ("``Config`` plus the search/retrain sections and one section per method (typed by the "
+                   "method's ``Config``; generated from ``embedding_methods.METHODS``).")
+    return cls
+
+
+RunConfig = _run_config_class()
 
 
 def field_specs(manifest: Manifest) -> list[FieldSpec]:
@@ -119,7 +120,8 @@ def build_method(config: RunConfig, method_name: str, manifest: Manifest) -> Emb
     """The method named on the command line, configured by its TOML section."""
     method_cls = get_method(method_name)
     method_config = getattr(config, method_cls.name)
-    unset = hasattr(method_config, "budget") and not 0.0 < getattr(method_config, "budget") < 1.0
+    has_budget = "budget" in {f.name for f in dataclasses.fields(method_config)}
+    unset = has_budget and not 0.0 < method_config.budget < 1.0
     if unset and config.search.budget < 1.0:
         # Methods whose search model depends on the budget (MLET's retrain width) read it from
         # their own section; --budget fills it when the section leaves it unset.
@@ -171,6 +173,9 @@ class TrainerSearchContext:
     def counts(self, field_name: str) -> np.ndarray:
         return load_counts(self.dataset_dir, field_name)
 
+    def load_tables(self, path: Path, key_map: dict[str, str]) -> dict[str, str]:
+        return sharded_state.load_checkpoint_tables(self._model(), path, key_map)
+
 
 def unsharded_search_module(trainer: Trainer, method: EmbeddingMethod) -> nn.Module:
     """A CPU copy of the trained search module with every table gathered (collective).
@@ -210,8 +215,7 @@ def load_dense_from_checkpoint(trainer: Trainer, path: Path, key: str = "search.
     loads the tables itself (it knows how they map). Collective; returns the keys loaded."""
     import torch.distributed.checkpoint as dcp
 
-    if not (path / ".metadata").exists() and (path / "ckpt" / "latest").exists():
-        path = path / "ckpt" / (path / "ckpt" / "latest").read_text().strip()
+    path = sharded_state.resolve_checkpoint(path)
     saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
     dense = {f"model.{k}": v for k, v in trainer.model.state_dict().items()
              if ".sparse_arch." not in k and isinstance(v, torch.Tensor) and f"model.{k}" in saved}
@@ -251,17 +255,17 @@ def run_search(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, 
     # Before any training: an unreachable budget fails naming the floor, and settings that count
     # training steps adapt to the steps this data gives (or fail naming the setting).
     method.check_budget(budget)
-    if getattr(method, "requires_search_training", True):
+    if method.requires_search_training:
         for note in method.fit_schedule(training_schedule(config, manifest, env)):
             logger.warning("%s", note)
     plan_path = run_dir / "plan.json"
     metrics: dict[str, Any] = {}
-    if not getattr(method, "requires_search_training", True):
+    if not method.requires_search_training:
         context = TrainerSearchContext(None, manifest, dataset_dir, budget, config.model.embedding_dim)
         plan = method.export_plan(None, context)
         init_state = None
     else:
-        if config.search.init_from and not hasattr(method, "warm_start"):
+        if config.search.init_from and not method.supports_warm_start:
             raise ConfigError(f"search.init_from: method {method.name!r} has no warm start")
         search_tables = method.search_tables()
         trainer = Trainer(
@@ -274,20 +278,19 @@ def run_search(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, 
             phase="search",
         )
         resumed = trainer.resume() is not None
-        if config.search.init_from and not resumed:
-            method.warm_start(trainer, Path(config.search.init_from))
-            load_dense_from_checkpoint(trainer, Path(config.search.init_from))
         context = TrainerSearchContext(trainer, manifest, dataset_dir, budget, config.model.embedding_dim)
-        if hasattr(method, "init_search_state"):
-            # Per-id side tables (frequency features) and zeroed accumulators, written shard by
-            # shard into the live sharded tables.
-            method.init_search_state(trainer.sparse_module, context)
-        required = getattr(method, "required_search_steps", 0)
+        if config.search.init_from and not resumed:
+            method.warm_start(trainer.sparse_module, context, Path(config.search.init_from))
+            load_dense_from_checkpoint(trainer, Path(config.search.init_from))
+        # Per-id side tables (frequency features) and zeroed accumulators, written shard by shard
+        # into the live sharded tables.
+        method.init_search_state(trainer.sparse_module, context)
+        required = method.required_search_steps
         if required and config.train.max_steps and config.train.max_steps < required:
             raise ConfigError(f"train.max_steps: {method.name} needs at least {required} search steps "
                               f"(warmup + saliency batches), got {config.train.max_steps}")
         initial = None
-        if method.wants_retrain_init() and getattr(method, "needs_initial_checkpoint", False):
+        if method.wants_retrain_init() and method.needs_initial_checkpoint:
             # Step-0 weights for a lottery-ticket rewind, kept beside the run so that a resumed
             # search still rewinds to them.
             initial_path = run_dir / INITIAL_FILE
@@ -304,8 +307,7 @@ def run_search(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, 
                 logger.warning("resumed search: %s is missing; the retrain starts from the searched weights "
                                "instead of the step-0 ones", initial_path)
         metrics = trainer.fit()
-        if hasattr(method, "bind_model"):
-            method.bind_model(trainer.model)
+        method.bind_model(trainer.model)
         plan = method.export_plan(trainer.sparse_module, context)
         init_state = None
         if method.wants_retrain_init():

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from embdim.trainer.io import atomic_path, atomic_write_text
+from embdim.io import atomic_path, atomic_write_text
 
 RUN_STATE = "run_state.json"
 REPORT = "report.md"

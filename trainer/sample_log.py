@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from embdim.trainer.distributed import DistEnv
+from embdim.sharding.distributed import DistEnv
 
 logger = logging.getLogger(__name__)
 

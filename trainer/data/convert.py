@@ -65,7 +65,7 @@ from embdim.trainer.data.writer import (
     split_sizes,
     staged_output,
 )
-from embdim.trainer.io import atomic_path
+from embdim.io import atomic_path
 
 DEFAULT_SPLIT = "0.8,0.1,0.1"
 DEFAULT_MIN_COUNT = 2

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embdim.trainer.io import atomic_write_json
+from embdim.io import atomic_write_json
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")

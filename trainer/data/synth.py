@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from embdim.trainer.data.manifest import Manifest, SparseField, SplitInfo, write_manifest
-from embdim.trainer.io import die_with_parent
+from embdim.io import die_with_parent
 from embdim.trainer.data.writer import (
     DEFAULT_ROW_GROUP_SIZE,
     SplitWriter,

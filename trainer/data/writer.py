@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embdim.trainer.data.manifest import OOV_ID, SPLITS, DatasetError, SplitInfo
-from embdim.trainer.io import atomic_path, atomic_save_npy, make_dirs, naming_storage_errors, output_lock
+from embdim.io import atomic_path, atomic_save_npy, make_dirs, naming_storage_errors, output_lock
 
 DEFAULT_ROW_GROUP_SIZE = 65536
 DEFAULT_ROWS_PER_FILE = 2_000_000
@@ -69,7 +69,7 @@ def _staging_prefixes(out: Path) -> tuple[str, str]:
 @contextmanager
 def claim_output(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """The output folder of a dataset build, for the whole build: locked against a second job
-    (``trainer.io.output_lock``, a lock file beside it), checked (``check_output_dir``), and rid
+    (``embdim.io.output_lock``, a lock file beside it), checked (``check_output_dir``), and rid
     of the staging folders of builds that were killed before they could remove them (under the
     lock, no live build owns them)."""
     out = Path(out).absolute()
