@@ -111,6 +111,7 @@ def _reachable_best(method: str, budget: float, fields: list[FieldSpec]) -> floa
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.slow
 def test_every_budget_binds(matrix, method: str) -> None:
     root, results = matrix
     fields = _fields(root)
@@ -155,6 +156,7 @@ def test_every_budget_binds(matrix, method: str) -> None:
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.slow
 def test_retrained_module_holds_the_plans_parameters(matrix, method: str) -> None:
     root, results = matrix
     outcome = results[f"{method} retrain"]

@@ -444,6 +444,7 @@ def test_binary_input_is_named(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.csv", "packed.tsv.gz"]
 
 
+@pytest.mark.slow
 def test_missing_label_column_exits_2_every_time(tmp_path):
     """A failing conversion used to abort at exit now and then ("terminate called without an
     active exception", exit 134): Arrow's threaded CSV reader released the header's Python file

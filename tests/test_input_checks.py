@@ -23,6 +23,7 @@ def data(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("method", ["pme", "amtl"])
+@pytest.mark.slow
 def test_missing_counts_are_found_before_the_search_trains(method, data, tmp_path, capsys):
     (data / "counts" / "c1.npy").unlink()
     run = tmp_path / "run"

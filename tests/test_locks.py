@@ -56,6 +56,7 @@ class _Holder:
         self.proc.wait()
 
 
+@pytest.mark.slow
 def test_busy_run_folder_is_refused_and_freed_when_the_holder_dies(data, tmp_path, capsys):
     run = tmp_path / "run"
     holder = _Holder(run)
@@ -77,6 +78,7 @@ def test_busy_run_folder_is_refused_and_freed_when_the_holder_dies(data, tmp_pat
     assert not (run / ".embdim.lock").exists()
 
 
+@pytest.mark.slow
 def test_ranks_and_phases_of_the_holding_job_are_not_refused(tmp_path):
     run = tmp_path / "run"
     probe = ("import sys; from embdim.io import output_lock\n"
@@ -135,6 +137,7 @@ def test_stale_build_folders_of_killed_builds_are_removed(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.building-x", "ds", "in.csv"]
 
 
+@pytest.mark.slow
 def test_run_folder_is_not_the_dataset_nor_a_file(data, tmp_path, capsys):
     for out in (data, data / "runs" / "r1"):
         assert main(["train", "--data", str(data), "--out", str(out), *SETS]) == 2

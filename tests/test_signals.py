@@ -104,6 +104,7 @@ def _cleanup(tag: str) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_sigterm_stops_run_tree_and_rerun_resumes(data, tmp_path, capsys):
     run = tmp_path / "run"
     # The closed-form search on one in-process rank: the run adopts it and starts the retrain.
@@ -152,6 +153,7 @@ def test_sigterm_stops_run_tree_and_rerun_resumes(data, tmp_path, capsys):
     assert not (run / ".embdim.lock").exists()
 
 
+@pytest.mark.slow
 def test_kill_9_of_launch_leaves_no_rank_and_busy_folder_is_refused(data, tmp_path, capsys):
     run = tmp_path / "train"
     train = ["train", "--data", str(data), "--out", str(run), *tiny_run_flags(DIM, epochs=50),
@@ -180,6 +182,7 @@ def test_kill_9_of_launch_leaves_no_rank_and_busy_folder_is_refused(data, tmp_pa
         pass
 
 
+@pytest.mark.slow
 def test_killed_dataset_builds_leave_nothing_behind(tmp_path, capsys):
     out = tmp_path / "ds"
     argv = ["data", "synth", "--out", str(out), "--rows", "4000000", "--workers", "2", "--no-progress"]
