@@ -5,29 +5,9 @@
     embdim run     --data DIR --method NAME --budget F --out RUN_DIR [--nproc-per-node N] [--config ...] [--set ...]
     embdim compare --data DIR --methods fixed,mde,... --budgets 0.5,0.25 --out DIR [--nproc-per-node N] [...]
 
-``run`` writes::
-
-    RUN_DIR/plan.json, metrics.json, ckpt/      the search phase (``embdim search``)
-    RUN_DIR/retrain/metrics.json, ckpt/, ...    the compact retrain with its test evaluation
-    RUN_DIR/run_state.json                      finished phases, their wall times, the last error
-    RUN_DIR/logs/{search,retrain}.log           everything the phase's ranks printed
-    RUN_DIR/report.md                           a one-row report
-
-Each phase runs through torchrun on N ranks (N = 1 too: a separate process group per phase keeps
-a failing phase from taking the caller down and leaves no process-group state behind). Rerunning
-the same command resumes: a phase whose completed artifact exists (``plan.json`` for search, a
-retrain ``metrics.json`` carrying ``full_embedding_params``, which ``run_retrain`` adds last) is
-skipped; an interrupted phase is started again with the same ``--out`` and the trainer continues
-from its ``ckpt/latest``.
-
-``compare`` trains the full-width baseline (``embdim train`` into DIR/full) and runs every
-(method, budget) pair into DIR/<method>_b<budget>/ with the ``run`` logic; a failing cell is
-recorded (its ``run_state.json`` holds the error) and the grid goes on. DIR/report.md and
-DIR/pareto.png are rebuilt from the runs' files at the end (``trainer.report``). Rerunning the
-same command finishes what is missing and retries failed cells.
-
-This file parses and checks the flags; the orchestration is ``trainer/orchestrator.py`` and the
-phases start through ``launch.launcher.run_phase``.
+This file parses and checks the flags; the orchestration (what a run writes, how it resumes, the
+compare grid) is ``trainer/orchestrator.py``, and the phases start through
+``launch.launcher.run_phase``.
 """
 
 from __future__ import annotations
