@@ -1,6 +1,6 @@
 """Triton kernels for memory-bound chains of the search models (CUDA only; CPU runs the torch formula).
 
-``row_and_width_mask``: OptEmbed's training mask (``optembed._RowAndWidthMask``) in one pass
+``row_and_width_mask``: OptEmbed's training mask (``optembed_supernet._RowAndWidthMask``) in one pass
 over the ``[B, F, D]`` pooled values forward and one backward. The torch formula makes about six
 passes per step (the row norm, the comparison, ``where``, then in the backward ``where``, a
 product-sum, ``mul_`` and ``addcmul_``); a GPU profile put them at about 5 ms of a 25 ms 1-GPU
@@ -91,7 +91,7 @@ if triton is not None:
 
 
 class _TritonRowAndWidthMask(torch.autograd.Function):
-    """``optembed._RowAndWidthMask`` with both passes as Triton kernels (same arguments)."""
+    """``optembed_supernet._RowAndWidthMask`` with both passes as Triton kernels (same arguments)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, thresholds: torch.Tensor, prune: torch.Tensor, width: torch.Tensor,

@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
-from embdim.launch.procs import supervised, torchrun_command
+from embdim.launch.procs import Interrupted, supervised, torchrun_command
 from embdim.io import held_locks_env
+from embdim.trainer.orchestrator import PhaseFailed, ProgressLines, error_message
 
 # The repository root (parent of launch/): put on the workers' PYTHONPATH so ``-m embdim.launch.main``
 # resolves even when embdim is not pip-installed.
@@ -118,3 +122,59 @@ def run_torchrun(argv: list[str], env: dict[str, str] | None = None) -> int:
 
 def launch(args: argparse.Namespace) -> int:
     return run_torchrun(torchrun_argv(args), env=torchrun_env(args))
+
+
+# ---------------------------------------------------------------------------- running a phase
+# ``embdim run``, ``compare`` and ``demo`` start their phases here (``trainer.orchestrator`` and
+# ``trainer.demo`` take ``run_phase`` as an argument, so that they import nothing from launch/).
+def _launch_namespace(nproc: int, command: list[str]) -> argparse.Namespace:
+    return argparse.Namespace(
+        nproc_per_node=str(nproc), nnodes=None, node_rank=None, rdzv_backend=None, rdzv_endpoint=None, rdzv_id=None,
+        max_restarts=None, master_addr=None, master_port=None, standalone=True, command=command,
+    )
+
+
+def run_logged(argv: list[str], log_path: Path, header: str, *, echo: bool, cwd: Path | None = None,
+               env: dict[str, str] | None = None, progress: ProgressLines | None = None) -> int:
+    """Runs ``argv`` (repository root on its PYTHONPATH, ``env`` added to this process's
+    environment) with stdout and stderr appended to ``log_path`` under a ``=== <time> <header>``
+    line and, with ``echo``, copied to stdout (else the lines ``progress`` picks are shown);
+    returns the exit code. The child runs in its own session; when this call ends in any other way
+    than the child's exit (``Interrupted`` by a signal, an error), the child and all its
+    descendants are stopped before it returns (``launch.procs.supervised``)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    # The log is a running record, not an artifact: appended as it comes, never replaced.
+    with open(log_path, "ab") as log:
+        log.write(f"\n=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {header}\n".encode())
+        log.flush()
+        try:
+            with supervised(argv, cwd=cwd, env=repo_env({**os.environ, **(env or {})}), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT) as proc:
+                # read1 returns what is there: tqdm's carriage-return updates pass through unbuffered.
+                while chunk := proc.stdout.read1(65536):
+                    log.write(chunk)
+                    log.flush()
+                    if echo:
+                        sys.stdout.write(chunk.decode(errors="replace"))
+                        sys.stdout.flush()
+                    elif progress is not None:
+                        progress.feed(chunk)
+                return proc.wait()
+        except Interrupted as e:
+            log.write(f"\n=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {e}: stopped every "
+                      f"process of the phase\n".encode())
+            raise
+
+
+def run_phase(name: str, command: list[str], nproc: int, log_path: Path, echo: bool, *,
+              env: dict[str, str] | None = None, say=None) -> None:
+    """Runs ``embdim COMMAND`` on ``nproc`` ranks through torchrun, copying the ranks' output to
+    ``log_path`` (appended: a resumed phase keeps the interrupted attempt's lines above) and, with
+    ``echo``, to stdout (else their progress lines go to ``say``). Raises ``PhaseFailed`` with the
+    ranks' error on a non-zero exit."""
+    argv = torchrun_command(torchrun_argv(_launch_namespace(nproc, command)))
+    code = run_logged(argv, log_path, f"embdim {' '.join(command)} (nproc {nproc})", echo=echo, env=env,
+                      progress=ProgressLines(say) if say is not None else None)
+    if code != 0:
+        message = error_message(log_path.read_text(errors="replace").split("\n=== ")[-1]) or f"exit code {code}"
+        raise PhaseFailed(name, code, message, log_path)

@@ -20,29 +20,30 @@ output folder another job holds, a path that cannot be written, a full disk) pri
 error: ...`` line and return 2; ``EMBDIM_TRACEBACK=1`` re-raises them. SIGINT, SIGTERM and SIGHUP
 stop the command and every process it started, print one ``embdim: interrupted by SIG...`` line
 saying how to resume, and return 128 + the signal number (``launch.procs``).
+
+This file and the ``*_cli.py`` beside it parse flags and call: the ``run`` / ``compare``
+orchestration is ``trainer/orchestrator.py``, the demo ``trainer/demo.py``; both start their
+phases through ``launch.launcher.run_phase``, which they are handed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
-import shutil
 import signal
 import sys
-import time
-from pathlib import Path
 from typing import Callable
 
 from embdim.launch import data_cli, phases_cli, plan_cli, run_cli
 from embdim.launch.launcher import add_arguments as add_launch_arguments
-from embdim.launch.launcher import torchrun_argv, torchrun_env, run_torchrun
+from embdim.launch.launcher import run_phase, torchrun_argv, torchrun_env, run_torchrun
 from embdim.launch.procs import AGENT_ENV, Interrupted, die_with_parent, interrupt_on_signals
 from embdim.trainer.checkpoint import CheckpointError
 from embdim.trainer.config import ConfigError, load_config
 from embdim.trainer.data.manifest import DatasetError, require_dataset
+from embdim.trainer.demo import DEMO_ROWS, run_demo
 from embdim.io import FolderBusy, StorageError, output_lock, storage_cause
 from embdim.trainer.logger import init_logger
 
@@ -50,21 +51,6 @@ logger = logging.getLogger("embdim")
 
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ValueError, FolderBusy, StorageError)
 RESUME_HINT = "rerun the same command to resume"
-
-# The demo: small enough for 2 CPU ranks on 2 cores in about a minute, big enough for the
-# planted signal of the synthetic data to show in the test AUC.
-DEMO_ROWS = 150_000
-DEMO_SETTINGS = [
-    "data.batch_size=256",
-    "data.eval_batch_size=2048",
-    "model.embedding_dim=16",
-    "train.epochs=1",
-    "train.log_every=50",
-    "train.progress_bar=false",
-    "optim.sparse_lr=0.05",
-    "optim.dense_lr=0.003",
-]
-
 
 # ---------------------------------------------------------------------------- train
 def _train(args: argparse.Namespace) -> int:
@@ -124,54 +110,8 @@ def register_launch(subparsers: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
-    from embdim.embedding_methods import get_method
-
-    # Check the flags before generating data and starting ranks: a typo must not cost a data set
-    # and a torchrun failure report.
-    get_method(args.method)
-    if not 0.0 < args.budget <= 1.0:
-        raise ConfigError(f"--budget: must be in (0, 1], got {args.budget}")
-    if args.rows < 1:
-        raise ConfigError(f"--rows: must be a positive integer, got {args.rows}")
-    out = Path(args.out)
-    data, run = out / "data", out / "run"
-    start = time.perf_counter()
-    with output_lock(out):
-        if (data / "dataset.json").exists():
-            print(f"demo: reusing the dataset in {data}")
-        else:
-            from embdim.trainer.data.synth import generate_synthetic
-
-            print(f"demo: generating {args.rows} synthetic Criteo-shaped rows into {data}")
-            generate_synthetic(data, num_rows=args.rows, seed=args.seed, progress=False)
-        if run.exists():  # a fresh run: the trainer would otherwise resume the previous one
-            shutil.rmtree(run)
-        settings = [a for s in DEMO_SETTINGS for a in ("--set", s)]
-        phases = [
-            ("search", ["search", "--data", str(data), "--method", args.method, "--budget", str(args.budget),
-                        "--out", str(run), *settings]),
-            ("retrain", ["retrain", "--data", str(data), "--plan", str(run / "plan.json"), "--out",
-                         str(run / "retrain"), *settings]),
-        ]
-        for name, command in phases:
-            log = run / "logs" / f"{name}.log"
-            print(f"demo: {name} ({args.method}, budget {args.budget}) on 2 CPU ranks (log: {log})", flush=True)
-            # Two CPU ranks (gloo) even on a GPU host: the demo's point is to run anywhere.
-            try:
-                run_cli.run_phase(name, command, 2, log, echo=args.verbose, env={"CUDA_VISIBLE_DEVICES": ""},
-                                  say=run_cli.phase_say(name, lambda m: print(f"demo: {m}", flush=True)))
-            except run_cli.PhaseFailed as e:
-                print(f"embdim: error: demo {e}", file=sys.stderr)
-                return 1
-    searched = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else None
-    metrics = json.loads((run / "retrain" / "metrics.json").read_text())
-    if searched is not None:
-        print(f"demo: full-width search model: test AUC {searched['test_auc']:.4f}")
-    print(f"demo: compact model: test AUC {metrics['test_auc']:.4f} (valid AUC {metrics['valid_auc']:.4f}) with "
-          f"{metrics['embedding_params']:,} of {metrics['full_embedding_params']:,} embedding parameters "
-          f"({metrics['compression_ratio']:.1f}x smaller), {time.perf_counter() - start:.0f} s wall; "
-          f"plan {run / 'plan.json'}, metrics {run / 'retrain' / 'metrics.json'}")
-    return 0
+    return run_demo(args.out, rows=args.rows, seed=args.seed, method=args.method, budget=args.budget,
+                    verbose=args.verbose, run_phase=run_phase)
 
 
 def register_demo(subparsers: argparse._SubParsersAction) -> None:

@@ -5,7 +5,7 @@ Every number in a report is read from the files the phases wrote, never recomput
 * quality, size and throughput from ``RUN_DIR/retrain/metrics.json`` (the full-width baseline:
   ``DIR/full/metrics.json`` written by ``embdim train``),
 * wall times of the phases and the failure message of a failed run from ``RUN_DIR/run_state.json``
-  (written by ``launch.run_cli``),
+  (written by ``trainer.orchestrator``),
 * the notes column from the plan's ``extra`` (``RUN_DIR/plan.json``): what the search could not
   meet (``fallbacks``) and the settings it adapted to the data (``adaptations``).
 

@@ -27,7 +27,10 @@ staging folders of killed builds of ``out`` are removed first (``writer.claim_ou
 ``vocab/<field>.parquet`` keeps each vocabulary (row i holds the value of id i + 1 and its train
 count) so that ids can be mapped back to raw values.
 
-Public entry points: ``convert_criteo``, ``convert_avazu``, ``convert_csv``.
+Public entry points: ``convert_criteo`` (``convert_criteo.py``), ``convert_avazu``
+(``convert_avazu.py``), ``convert_csv`` (``convert_csv.py``), one module per format; each defines
+a ``_Format`` (which columns, how to read and parse a block). This module holds what they share:
+the parsing helpers, the text input handling and the pipeline (``_convert``).
 """
 
 from __future__ import annotations
@@ -48,8 +51,6 @@ from tqdm import tqdm
 
 from embdim.trainer.data.manifest import SPLITS, DatasetError, Manifest, SparseField, write_manifest
 from embdim.trainer.data.writer import (
-    DEFAULT_ROW_GROUP_SIZE,
-    DEFAULT_ROWS_PER_FILE,
     IdCounter,
     SplitWriter,
     ValueCounter,
@@ -71,10 +72,6 @@ DEFAULT_SPLIT = "0.8,0.1,0.1"
 DEFAULT_MIN_COUNT = 2
 DEFAULT_BLOCK_SIZE = 16 << 20
 DEFAULT_NEGATIVE_DENSE = "clip"
-
-CRITEO_LABEL = "label"
-CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
-CRITEO_SPARSE = [f"C{i}" for i in range(1, 27)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,52 +320,6 @@ def _string_types(names: Sequence[str]) -> dict[str, pa.DataType]:
     return {n: pa.string() for n in names}
 
 
-class _Criteo(_Format):
-    source = "criteo"
-    header_lines = 0
-    label = CRITEO_LABEL
-    dense = CRITEO_DENSE
-    sparse = CRITEO_SPARSE
-    multi_hot: list[str] = []
-    columns = [CRITEO_LABEL, *CRITEO_DENSE, *CRITEO_SPARSE]
-
-    def check(self, path: Path) -> None:
-        line = _first_line(path)
-        if not line:
-            return
-        n = line.count(b"\t") + 1
-        if n != len(self.columns):
-            raise DatasetError(
-                f"{path}: line 1 has {n} tab-separated columns; Criteo logs have {len(self.columns)} "
-                "(label, I1..I13, C1..C26) and no header")
-
-    def raw_columns(self, numeric: bool) -> list[str]:
-        return list(self.columns) if numeric else list(self.sparse)
-
-    def count_rows(self, path: Path) -> int:
-        return _count_lines(path)
-
-    def iter_raw(self, path: Path, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
-        cols = list(columns) if columns is not None else list(self.columns)
-        return self._csv_batches(
-            path,
-            pcsv.ReadOptions(column_names=self.columns, block_size=self.block_size),
-            pcsv.ParseOptions(delimiter="\t", quote_char=False),
-            pcsv.ConvertOptions(column_types=_string_types(cols), include_columns=cols, null_values=[""],
-                                strings_can_be_null=True),
-        )
-
-    def prepare(self, batch: pa.RecordBatch, path: Path, first_row: int, numeric: bool) -> _Prepared:
-        p = _Prepared(batch.num_rows)
-        if numeric:
-            p.label = _labels(batch.column(self.label), path, self.label, first_row, self.header_lines)
-            for d in self.dense:
-                p.dense[d] = _dense(batch.column(d), path, d, first_row, self.header_lines, self.negative_dense,
-                                    self.clipped)
-        for s in self.sparse:
-            p.single[s] = batch.column(s)
-        return p
-
 
 def _first_line(path: Path, limit: int = 64 << 20) -> bytes:
     """The first line of a text input (decompressed), without its line break; binary data is
@@ -435,171 +386,6 @@ def _check_unique(path: Path, names: list[str]) -> None:
     if dupes:
         where = "; ".join(f"{n!r} at columns {[i + 1 for i, m in enumerate(names) if m == n]}" for n in dupes)
         raise DatasetError(f"{path}: the header names a column more than once ({where}); rename the duplicates")
-
-
-class _Avazu(_Format):
-    source = "avazu"
-    header_lines = 1
-    label = "click"
-    dense: list[str] = []
-    multi_hot: list[str] = []
-    derived = ["hour_of_day", "weekday"]
-
-    def __init__(self, block_size: int) -> None:
-        super().__init__(block_size)
-        self.categorical: list[str] | None = None  # raw categorical columns, from the first file
-
-    @property
-    def sparse(self) -> list[str]:  # type: ignore[override]
-        return [*self.derived, *(self.categorical or [])]
-
-    def check(self, path: Path) -> None:
-        names = _read_header(path, ",")
-        for c in ("click", "hour"):
-            if c not in names:
-                raise DatasetError(f"{path}: column {c!r} not found in the header; Avazu logs have "
-                                   f"id, click, hour, C1, banner_pos, ...; got {names}")
-        cats = [n for n in names if n not in ("id", "click", "hour")]
-        if self.categorical is None:
-            clash = sorted(set(cats) & set(self.derived))
-            if clash:
-                raise DatasetError(f"{path}: column(s) {clash} clash with the derived hour features")
-            self.categorical = cats
-        else:
-            missing = [c for c in self.categorical if c not in names]
-            if missing:
-                raise DatasetError(f"{path}: column {missing[0]!r} not found (it is in the first input); got {names}")
-
-    def raw_columns(self, numeric: bool) -> list[str]:
-        assert self.categorical is not None
-        return (["click"] if numeric else []) + ["hour", *self.categorical]
-
-    def count_rows(self, path: Path) -> int:
-        return max(0, _count_lines(path) - 1)  # less the header line
-
-    def iter_raw(self, path: Path, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
-        cols = list(columns) if columns is not None else self.raw_columns(numeric=True)
-        return self._csv_batches(
-            path,
-            pcsv.ReadOptions(block_size=self.block_size),
-            pcsv.ParseOptions(delimiter=","),
-            pcsv.ConvertOptions(column_types=_string_types(cols), include_columns=cols, null_values=[""],
-                                strings_can_be_null=True),
-        )
-
-    def prepare(self, batch: pa.RecordBatch, path: Path, first_row: int, numeric: bool) -> _Prepared:
-        assert self.categorical is not None
-        p = _Prepared(batch.num_rows)
-        if numeric:
-            p.label = _labels(batch.column("click"), path, "click", first_row, self.header_lines)
-        hour = batch.column("hour")
-        try:
-            ts = pc.strptime(hour, format="%y%m%d%H", unit="s")
-        except pa.ArrowInvalid:
-            bad = None
-            for i, v in enumerate(hour.to_pylist()):
-                if v is not None and not (len(v) == 8 and v.isdigit()):
-                    bad = i
-                    break
-            at = f", {_where(path, first_row + bad, 1)}: {hour[bad].as_py()!r}" if bad is not None else ""
-            raise DatasetError(f"{path}: column 'hour' must be YYMMDDHH{at}") from None
-        p.single["hour_of_day"] = pc.cast(pc.hour(ts), pa.string())
-        p.single["weekday"] = pc.cast(pc.day_of_week(ts), pa.string())  # Monday = 0
-        for c in self.categorical:
-            p.single[c] = batch.column(c)
-        return p
-
-
-class _Generic(_Format):
-    source = "csv"
-
-    def __init__(self, block_size: int, *, label: str, dense: Sequence[str], sparse: Sequence[str],
-                 multi_hot: Sequence[str], delimiter: str, multi_hot_separator: str) -> None:
-        super().__init__(block_size)
-        self.label = label
-        self.dense = list(dense)
-        self.multi_hot = list(multi_hot)
-        self.sparse = [*sparse, *[m for m in multi_hot if m not in sparse]]
-        self.delimiter = delimiter
-        self.separator = multi_hot_separator
-        names = [label, *self.dense, *self.sparse]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"column(s) {dupes} declared more than once (label/dense/sparse/multi-hot)")
-        if not self.sparse:
-            raise ValueError("declare at least one categorical column (--sparse or --multi-hot)")
-        if len(delimiter) != 1:
-            raise ValueError(f"--delimiter must be one character, got {delimiter!r}")
-        if not multi_hot_separator:
-            raise ValueError("--multi-hot-separator must not be empty")
-
-    def _roles(self) -> list[tuple[str, str]]:
-        return [(self.label, "label"), *[(d, "dense") for d in self.dense],
-                *[(s, "multi-hot" if s in self.multi_hot else "sparse") for s in self.sparse]]
-
-    def check(self, path: Path) -> None:
-        if _is_parquet(path):
-            try:
-                names = pq.ParquetFile(path).schema_arrow.names
-            except (pa.ArrowInvalid, OSError) as e:
-                raise DatasetError(f"{path}: cannot read as Parquet: {e}") from None
-            _check_unique(path, names)
-        else:
-            names = _read_header(path, self.delimiter)
-        for col, role in self._roles():
-            if col not in names:
-                raise DatasetError(f"{path}: {role} column {col!r} not found; the file's columns are {names}")
-
-    def raw_columns(self, numeric: bool) -> list[str]:
-        return ([self.label, *self.dense] if numeric else []) + list(self.sparse)
-
-    def header_lines_of(self, path: Path) -> int:
-        return -1 if _is_parquet(path) else 1
-
-    def iter_raw(self, path: Path, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
-        cols = list(columns) if columns is not None else self.raw_columns(numeric=True)
-        if _is_parquet(path):
-            return self._parquet_batches(path, cols)
-        return self._csv_batches(
-            path,
-            pcsv.ReadOptions(block_size=self.block_size),
-            pcsv.ParseOptions(delimiter=self.delimiter),
-            pcsv.ConvertOptions(column_types=_string_types(cols), include_columns=cols, null_values=[""],
-                                strings_can_be_null=True),
-        )
-
-    def _parquet_batches(self, path: Path, cols: list[str]) -> Iterator[pa.RecordBatch]:
-        try:
-            f = pq.ParquetFile(path)
-            rows = max(1024, self.block_size // 64)
-            for b in f.iter_batches(batch_size=rows, columns=cols):
-                yield b
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DatasetError(f"{path}: cannot read as Parquet: {e}") from None
-
-    def count_rows(self, path: Path) -> int:
-        if _is_parquet(path):
-            return pq.ParquetFile(path).metadata.num_rows
-        return super().count_rows(path)
-
-    def prepare(self, batch: pa.RecordBatch, path: Path, first_row: int, numeric: bool) -> _Prepared:
-        p = _Prepared(batch.num_rows)
-        h = self.header_lines_of(path)
-        if numeric:
-            p.label = _labels(batch.column(self.label), path, self.label, first_row, h)
-            for d in self.dense:
-                p.dense[d] = _dense(batch.column(d), path, d, first_row, h, self.negative_dense, self.clipped)
-        for s in self.sparse:
-            col = batch.column(s)
-            if s in self.multi_hot:
-                p.multi[s] = _split_multi(col, self.separator)
-            else:
-                if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-                    raise DatasetError(f"{path}: sparse column {s!r} holds lists; declare it with --multi-hot")
-                p.single[s] = _as_string(col)
-        return p
-
-
 # --------------------------------------------------------------------------------------------
 # the pipeline
 
@@ -816,59 +602,23 @@ def _build(fmt: _Format, inputs: Sequence[str | Path], out: str | Path, *, split
         write_manifest(stage, manifest)
     return manifest
 
-
-def convert_criteo(inputs: Sequence[str | Path], out: str | Path, *, split: str = DEFAULT_SPLIT,
-                   min_count: int = DEFAULT_MIN_COUNT, row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
-                   rows_per_file: int | None = DEFAULT_ROWS_PER_FILE, block_size: int = DEFAULT_BLOCK_SIZE,
-                   progress: bool = True, overwrite: bool = False,
-                   negative_dense: str = DEFAULT_NEGATIVE_DENSE) -> Manifest:
-    """Criteo Kaggle ``train.txt`` / Criteo 1TB ``day_N`` logs (tab-separated, no header; ``.gz`` ok).
-
-    Columns label, I1..I13 (integers, may be empty or negative; stored as log(1 + max(x, 0)) by
-    default, see ``negative_dense``; empty -> 0), C1..C26 (hex strings; empty -> OOV id 0).
-    ``overwrite``: replace a dataset already at ``out``; ``negative_dense``: "clip", "signed-log"
-    or "error" (see the module docstring).
-    """
-    return _convert(_Criteo(block_size), inputs, out, split=split, min_count=min_count,
-                    row_group_size=row_group_size, rows_per_file=rows_per_file, progress=progress, options={},
-                    overwrite=overwrite, negative_dense=negative_dense)
+# The entry points live in one module per format (convert_criteo.py, convert_avazu.py,
+# convert_csv.py), which import the pipeline above. They are looked up here on first use
+# (PEP 562), so ``from embdim.trainer.data.convert import convert_criteo`` keeps working without
+# an import cycle.
+_FORMAT_MODULES = {
+    "convert_criteo": "convert_criteo", "CRITEO_LABEL": "convert_criteo", "CRITEO_DENSE": "convert_criteo",
+    "CRITEO_SPARSE": "convert_criteo", "convert_avazu": "convert_avazu", "convert_csv": "convert_csv",
+}
 
 
-def convert_avazu(inputs: Sequence[str | Path], out: str | Path, *, split: str = DEFAULT_SPLIT,
-                  min_count: int = DEFAULT_MIN_COUNT, row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
-                  rows_per_file: int | None = DEFAULT_ROWS_PER_FILE, block_size: int = DEFAULT_BLOCK_SIZE,
-                  progress: bool = True, overwrite: bool = False) -> Manifest:
-    """Avazu CTR logs (CSV with header: id, click, hour, C1, banner_pos, site_id, ..., C21).
+def __getattr__(name: str):
+    module = _FORMAT_MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-    ``id`` is dropped; ``hour`` (YYMMDDHH) becomes the categorical fields ``hour_of_day`` (0..23)
-    and ``weekday`` (Monday = 0); every other column is categorical. No dense features.
-    """
-    return _convert(_Avazu(block_size), inputs, out, split=split, min_count=min_count,
-                    row_group_size=row_group_size, rows_per_file=rows_per_file, progress=progress, options={},
-                    overwrite=overwrite)
-
-
-def convert_csv(inputs: Sequence[str | Path], out: str | Path, *, label: str, dense: Sequence[str] = (),
-                sparse: Sequence[str] = (), multi_hot: Sequence[str] = (), delimiter: str = ",",
-                multi_hot_separator: str = "|", split: str = DEFAULT_SPLIT, min_count: int = DEFAULT_MIN_COUNT,
-                row_group_size: int = DEFAULT_ROW_GROUP_SIZE, rows_per_file: int | None = DEFAULT_ROWS_PER_FILE,
-                block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True, overwrite: bool = False,
-                negative_dense: str = DEFAULT_NEGATIVE_DENSE) -> Manifest:
-    """Any CSV (with a header line) or Parquet input with declared columns.
-
-    ``label`` must hold 0/1; ``dense`` columns are numeric (log(1 + max(x, 0)) by default, see
-    ``negative_dense``; empty -> 0);
-    ``sparse`` columns are categorical (single-hot, int64 ids); ``multi_hot`` columns hold several
-    values separated by ``multi_hot_separator`` (or are Parquet list columns) and become
-    ``list<int64>`` (a row without values gets [0]).
-    """
-    if delimiter in ("\\t", "tab", "TAB"):
-        delimiter = "\t"
-    fmt = _Generic(block_size, label=label, dense=list(dense), sparse=list(sparse), multi_hot=list(multi_hot),
-                   delimiter=delimiter, multi_hot_separator=multi_hot_separator)
-    return _convert(fmt, inputs, out, split=split, min_count=min_count, row_group_size=row_group_size,
-                    rows_per_file=rows_per_file, progress=progress, overwrite=overwrite, negative_dense=negative_dense,
-                    options={"delimiter": delimiter, "multi_hot_separator": multi_hot_separator})
+    return getattr(importlib.import_module(f"embdim.trainer.data.{module}"), name)
 
 
 __all__ = ["convert_criteo", "convert_avazu", "convert_csv", "CRITEO_DENSE", "CRITEO_SPARSE", "CRITEO_LABEL"]
