@@ -47,9 +47,10 @@ def test_row_and_width_mask_equals_the_torch_formula(norm: int, dim: int) -> Non
     assert (want == 0).any() and (want != 0).any()
 
 
-def test_kernels_can_be_turned_off(monkeypatch) -> None:
+def test_kernels_are_opt_in(monkeypatch) -> None:
     x = torch.zeros(2, 3, 4, device="cuda")
-    assert fused_kernels.triton_enabled(x)
-    monkeypatch.setenv("EMBDIM_TRITON", "0")
+    monkeypatch.delenv("EMBDIM_TRITON", raising=False)
     assert not fused_kernels.triton_enabled(x)
+    monkeypatch.setenv("EMBDIM_TRITON", "1")
+    assert fused_kernels.triton_enabled(x)
     assert not fused_kernels.triton_enabled(x.cpu())
