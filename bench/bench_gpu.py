@@ -31,9 +31,8 @@ batch size on in-memory batches (the same batches for every variant):
   the same plan (same tables and ids) in the named layout, so pad and project are timed on
   identical tables; without the suffix the method's own layout (``search.layout``).
 
-Every variant runs with embdim's Triton kernels on (``EMBDIM_TRITON=1``; they are opt-in
-elsewhere); a ``_notriton`` suffix runs it with them off (the torch formulas they replace), to
-time both in one run.
+A ``_notriton`` suffix runs a variant with embdim's Triton kernels off (``EMBDIM_TRITON=0``:
+the torch formulas they replace), to time both in one run.
 
 Any variant but the ``search_*`` ones takes a ``_fp16`` suffix: its tables store fp16 weights
 (``model.table_dtype = "fp16"``; for ``plain*``, TorchRec's ``DataType.FP16``).

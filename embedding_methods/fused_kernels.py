@@ -11,10 +11,10 @@ L2 norm) kept from the forward. The values and gradients are the torch formula's
 torch formula stays the reference in ``tests/test_fused_kernels.py`` (run on a GPU) and is what
 runs wherever Triton or CUDA is missing.
 
-The kernels are opt-in until they have been measured and checked on a GPU (the session that
-wrote them got no GPU machine): ``EMBDIM_TRITON=1`` in the environment turns them on; unset or
-``0``, the torch formula runs everywhere. ``tests/test_fused_kernels.py`` checks them against the
-torch formula on a CUDA machine, and ``bench/gpu_onegpu.sh`` times both.
+On CUDA the kernels run by default; ``EMBDIM_TRITON=0`` in the environment turns them off (the
+torch formula everywhere). ``tests/test_fused_kernels.py`` checks them against the torch formula
+on a CUDA machine (7 passed on an H100, 2026-12-07), and ``bench/gpu_onegpu.sh`` times both
+(OptEmbed's search step 1.38x -> 1.12x plain TorchRec's on one H100 at batch 65536).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 def triton_enabled(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels serve ``x``: a CUDA tensor, Triton importable, turned on."""
-    return triton is not None and x.is_cuda and os.environ.get("EMBDIM_TRITON", "0") == "1"
+    """Whether the Triton kernels serve ``x``: a CUDA tensor, Triton importable, not turned off."""
+    return triton is not None and x.is_cuda and os.environ.get("EMBDIM_TRITON", "1") != "0"
 
 
 if triton is not None:

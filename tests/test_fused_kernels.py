@@ -47,16 +47,18 @@ def test_row_and_width_mask_equals_the_torch_formula(norm: int, dim: int) -> Non
     (want, want_gx, want_gt), (got, got_gx, got_gt) = results
     torch.testing.assert_close(got, want)  # a copy or a zero of each entry: exact
     torch.testing.assert_close(got_gx, want_gx, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got_gt, want_gt, rtol=1e-5, atol=1e-4)
+    # L2 norms end in a rounded sqrt, so z (and the slope 2 - 4|z|) differs by an ulp between the
+    # two; the threshold gradient sums that over the batch (measured on an H100: 7e-5 relative).
+    torch.testing.assert_close(got_gt, want_gt, rtol=1e-5 if norm == 1 else 3e-4, atol=1e-4)
     assert (want == 0).any() and (want != 0).any()
     z = norms - thresholds
     assert ((z.abs() <= 1) & prune).any()  # the straight-through gradient is exercised
 
 
-def test_kernels_are_opt_in(monkeypatch) -> None:
+def test_kernels_can_be_turned_off(monkeypatch) -> None:
     x = torch.zeros(2, 3, 4, device="cuda")
     monkeypatch.delenv("EMBDIM_TRITON", raising=False)
-    assert not fused_kernels.triton_enabled(x)
-    monkeypatch.setenv("EMBDIM_TRITON", "1")
     assert fused_kernels.triton_enabled(x)
+    monkeypatch.setenv("EMBDIM_TRITON", "0")
+    assert not fused_kernels.triton_enabled(x)
     assert not fused_kernels.triton_enabled(x.cpu())
