@@ -46,9 +46,10 @@ for section in "$@"; do
                           --variants plain_cap3951199,compact_fixed,compact_fixed_project,plain_cap1726896,compact_fixed_fp16,plain_cap3951199_fp16,plain) ;;
     # One GPU, 26 x 1M rows: every search phase and the compact models in both layouts (the same
     # plans) beside plain TorchRec, the full step and the EBC alone, fp32 and fp16 tables.
-    phases_1gpu) args=(--ranks 1 --shardings table_wise --rows-per-table 1000000 --batch-sizes 65536,131072
-                       --warmup 3 --steps 15
-                       --variants plain,full,full_fp16,search_optembed,search_optembed_notriton,search_mlet,search_amtl,search_pme,compact_pme,compact_pme_project,compact_fixed,compact_fixed_project,compact_fixed_fp16,ebc,ebc_compact_fixed,ebc_compact_fixed_project,ebc_compact_pme,ebc_compact_pme_project) ;;
+    # PHASE_BATCHES overrides the batch sizes.
+    phases_1gpu) args=(--ranks 1 --shardings table_wise --rows-per-table 1000000
+                       --batch-sizes ${PHASE_BATCHES:-65536,131072} --warmup 3 --steps 10
+                       --variants plain,search_optembed,search_optembed_notriton,search_amtl,search_mlet,search_pme,compact_pme,compact_pme_project,compact_fixed,compact_fixed_project,compact_fixed_fp16,full_fp16,ebc,ebc_compact_fixed,ebc_compact_fixed_project) ;;
     # One GPU, row-wise sharding and 4 multi-hot fields (bags of 8 ids on average).
     rw_multihot_1gpu) args=(--ranks 1 --shardings row_wise --rows-per-table 1000000 --batch-sizes 65536
                             --warmup 3 --steps 15 --multi-hot-fields 4 --multi-hot-mean 8
