@@ -607,8 +607,8 @@ def table_gib(built: Built) -> float:
     """GiB of the variant's embedding weights on all ranks (what its tables store)."""
     from torchrec.modules.embedding_configs import data_type_to_dtype
 
-    configs = getattr(built, "tables", None) or []
-    return sum(t.num_embeddings * t.embedding_dim * data_type_to_dtype(t.data_type).itemsize for t in configs) / 2**30
+    return sum(t.num_embeddings * t.embedding_dim * data_type_to_dtype(t.data_type).itemsize
+               for t in built.tables) / 2**30
 
 
 def _emit(path: Path, env: Any, row: dict) -> None:
